@@ -1,0 +1,40 @@
+"""Train with PerCE on DeepSpeed.
+
+    deepspeed launch/train.py --deepspeed ds_configs/zero3.json [--recipe recipes/X.yaml] [--train.lr 1e-5 ...]
+
+With no --recipe the demo recipe runs (synthetic persona data, a tiny model, CPU-friendly).
+Any config key can be overridden as `--section.key value` or `--section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from perce_ds.cli import parse_overrides, print_summary  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "zero3.json"), help="DeepSpeed JSON config")
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo.yaml"), help="YAML recipe")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
+    args, rest = parser.parse_known_args(argv)
+
+    from perce_ds.config import RunConfig
+    from perce_ds.engine import Trainer
+
+    cfg = RunConfig.load(args.recipe, parse_overrides(rest))
+    trainer = Trainer(cfg, args.deepspeed)
+    summary = trainer.train()
+    if trainer.is_rank0:
+        print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""DeepSpeed checkpoints that survive a kill mid-save, resume discovery, and Hugging Face export.
+
+A checkpoint is written under `checkpoints/.tmp-step_N/` and renamed to `checkpoints/step_N/` by
+rank 0 only after every rank finished writing, so a directory named `step_N` is always complete;
+`resume: auto` picks the highest such N. All functions that touch the engine are collectives:
+call them on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("perce_ds")
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def find_resume_checkpoint(ckpt_root: Path, resume: str) -> Path | None:
+    """The checkpoint directory to resume from, or None for a fresh start."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(ckpt_root)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / "perce_state.json").is_file():
+        raise FileNotFoundError(
+            f"train.resume={resume}: not a complete perce_ds checkpoint (no perce_state.json); "
+            "point at a checkpoints/step_N directory or use auto"
+        )
+    return path
+
+
+def params_are_finite(module: torch.nn.Module) -> bool:
+    """True when every rank's shard of every parameter is finite (ZeRO-3 shards live in ds_tensor)."""
+    ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all()) for p in module.parameters())
+    flag = torch.tensor([1.0 if ok else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write step_N atomically (tmp dir + rename), then prune to the newest `keep_last`."""
+    if not params_are_finite(engine.module):
+        raise RuntimeError(f"refusing to write a checkpoint at step {step}: the model has non-finite parameters")
+    rank0 = engine.global_rank == 0
+    final = ckpt_root / f"step_{step}"
+    tmp_tag = f".tmp-step_{step}"
+    if rank0 and (ckpt_root / tmp_tag).exists():
+        shutil.rmtree(ckpt_root / tmp_tag)  # debris of an earlier kill
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, client_state={"perce": state}, save_latest=False)
+    dist.barrier()
+    if rank0:
+        (ckpt_root / tmp_tag / "perce_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        (ckpt_root / tmp_tag).rename(final)
+        for _, old in complete_checkpoints(ckpt_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler; return the perce state saved with it."""
+    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    return client["perce"]
+
+
+def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:
+    """Full parameters and buffers on rank 0's CPU, gathered one module at a time."""
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for mod_name, module in lm.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if rank0:
+                for name, p in params:
+                    key = f"{mod_name}.{name}" if mod_name else name
+                    if id(p) in seen:  # a tied weight: stored once, re-tied by from_pretrained
+                        continue
+                    seen[id(p)] = key
+                    state[key] = p.detach().cpu().clone()
+        if rank0:
+            for name, buf in module.named_buffers(recurse=False):
+                if name not in module._non_persistent_buffers_set:
+                    state[f"{mod_name}.{name}" if mod_name else name] = buf.detach().cpu().clone()
+    return state
+
+
+def export_hf(lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, card: str) -> None:
+    """Write a from_pretrained-loadable folder: model.safetensors, config, tokenizer, README.md."""
+    from safetensors.torch import save_file
+
+    state = _gathered_state_dict(lm, rank0)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        lm.config.save_pretrained(str(out_dir))
+        if getattr(lm, "generation_config", None) is not None:
+            lm.generation_config.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+        (out_dir / "README.md").write_text(card)
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,43 @@
+"""Command-line helpers shared by the launch/ scripts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from perce_ds.config import ConfigError
+
+
+def parse_overrides(args: list[str]) -> list[str]:
+    """`--a.b value` / `--a.b=value` pairs into `a.b=value` strings for RunConfig.load."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"unrecognised argument {arg!r}: overrides look like --section.key value")
+        if "=" in arg:
+            out.append(arg[2:])
+            i += 1
+        elif i + 1 < len(args):
+            out.append(f"{arg[2:]}={args[i + 1]}")
+            i += 2
+        else:
+            raise ConfigError(f"override {arg} has no value")
+    return out
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The few lines a person reads at the end of a run."""
+
+    def fmt(x: Any) -> str:
+        return f"{x:.4f}" if isinstance(x, float) else "n/a"
+
+    final, ev = summary.get("final") or {}, summary.get("eval") or {}
+    print(f"run directory: {summary['run_dir']}")
+    print(f"scheme {summary['scheme']}, {summary['steps']} steps on {summary['world_size']} rank(s); "
+          f"final train loss {fmt(final.get('loss'))}, CE {fmt(final.get('ce'))}; refused steps {summary['refused_steps']}")
+    print(f"eval CE with profile {fmt(ev.get('eval_ce'))} vs without {fmt(ev.get('eval_ce_ablated'))}; "
+          f"mean PIR on persona tokens {fmt(ev.get('eval_pir_persona_tokens'))} vs other tokens "
+          f"{fmt(ev.get('eval_pir_other_tokens'))}")
+    skipped = summary.get("records_skipped", {})
+    if any(skipped.values()):
+        print(f"records skipped as bad: {skipped}")

@@ -1,0 +1,235 @@
+"""One typed config for a run: YAML recipe + dotted CLI overrides, validated, dumped to the run dir.
+
+`RunConfig.load(recipe_path, ["train.lr=1e-5", ...])` is the only way a run gets its settings.
+Unknown keys and wrong types fail with the dotted key's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # HF folder or hub id of a pretrained causal LM
+    config: dict[str, Any] | None = None  # architecture to build from scratch (needs "model_type")
+    tokenizer: str | None = None  # HF tokenizer folder; default: name_or_path; none: train one
+    tokenizer_vocab_size: int = 1024  # when a sentencepiece tokenizer is trained on the train data
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    activation_checkpointing: bool = True
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a bf16 GPU, else fp32
+
+
+@dataclass
+class SyntheticDataConfig:
+    enabled: bool = False
+    users: int = 24
+    train_per_user: int = 8
+    eval_per_user: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # JSONL / Parquet / HF dataset dirs
+    eval_files: list[str] = field(default_factory=list)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    system_prompt: str = "You are a helpful assistant who writes in the user's own voice."
+    max_length: int = 1024  # conditioned prompt + response, in tokens
+    max_profile_tokens: int = 512  # budget for the profile block; whole items are dropped to fit
+    on_bad_record: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class LossConfig:
+    scheme: str = "perce"  # see perce_ds.loss.REGISTRY
+    clip_min: float = 0.8
+    clip_max: float = 5.0
+    allow_nonpositive_clip_min: bool = False  # a weight <= 0 would unlearn tokens: opt in explicitly
+    track_pir: bool = True  # run the ablated pass for metrics even when the scheme does not need it
+    logprob_chunk_size: int = 1024  # rows of [tokens, vocab] logits materialised at once
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: int = 1
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    output_dir: str = "runs"
+    run_name: str = ""  # default: the recipe's file name
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | path to a checkpoint directory
+    stop_after: int = 0  # end this invocation (with a checkpoint) after N steps; the schedule still spans max_steps
+    log_every: int = 1
+    max_nonfinite_steps: int = 3  # consecutive refused steps before the run stops
+    export_hf: bool = True
+    tensorboard: bool = True
+    dist_timeout_s: int = 1800
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str = ""  # where it came from (informational)
+
+    @classmethod
+    def load(cls, recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+        """Build from a YAML recipe (or defaults) plus `key.sub=value` overrides, then validate."""
+        raw: dict[str, Any] = {}
+        if recipe is not None:
+            path = Path(recipe)
+            if not path.is_file():
+                raise ConfigError(f"recipe {path} does not exist")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        cfg = _build(cls, raw, "")
+        if recipe is not None:
+            cfg.recipe = str(recipe)
+            if not cfg.train.run_name:
+                cfg.train.run_name = Path(recipe).stem
+        cfg.train.run_name = cfg.train.run_name or "run"
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Cross-field checks that types alone cannot express."""
+        from perce_ds.loss import REGISTRY
+
+        if self.loss.scheme not in REGISTRY:
+            raise ConfigError(f"loss.scheme: unknown scheme {self.loss.scheme!r}; known: {sorted(REGISTRY)}")
+        if self.loss.clip_min > self.loss.clip_max:
+            raise ConfigError(f"loss.clip_min ({self.loss.clip_min}) exceeds loss.clip_max ({self.loss.clip_max})")
+        if self.loss.clip_min <= 0 and not self.loss.allow_nonpositive_clip_min:
+            raise ConfigError(
+                f"loss.clip_min={self.loss.clip_min} lets token weights reach <= 0 (the model would unlearn "
+                "those tokens); set loss.allow_nonpositive_clip_min=true if that is intended"
+            )
+        if (self.model.name_or_path is None) == (self.model.config is None):
+            raise ConfigError("set exactly one of model.name_or_path (pretrained) and model.config (from scratch)")
+        if self.model.config is not None and "model_type" not in self.model.config:
+            raise ConfigError("model.config needs a 'model_type' (e.g. qwen3, llama)")
+        if not self.data.synthetic.enabled and not self.data.train_files:
+            raise ConfigError("data.train_files is empty and data.synthetic.enabled is false: no training data")
+        for key in ("micro_batch_size", "grad_accum", "epochs", "keep_last", "log_every", "dist_timeout_s"):
+            if getattr(self.train, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+        for key in ("max_steps", "save_every", "max_nonfinite_steps", "stop_after"):
+            if getattr(self.train, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
+        if self.data.max_length < 8 or self.data.max_profile_tokens < 0:
+            raise ConfigError("data.max_length must be >= 8 and data.max_profile_tokens >= 0")
+        if len(self.train.adam_betas) != 2:
+            raise ConfigError("train.adam_betas must hold two numbers")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.output_dir) / self.train.run_name
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]}; known keys here: {sorted(names)}")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and args and args[0] is str:
+            value = [value]  # a single path where a list is expected
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "2e-5" as a string
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value

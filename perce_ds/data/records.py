@@ -1,0 +1,84 @@
+"""PersonaRecord: the one schema every data source produces and everything downstream consumes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class RecordError(ValueError):
+    """A record that cannot be used. The message names the file, the record and the field."""
+
+    def __init__(self, source: str, where: str, field_name: str, problem: str, hint: str = ""):
+        self.source, self.where, self.field_name, self.problem = source, where, field_name, problem
+        msg = f"{source}, {where}, field '{field_name}': {problem}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+
+@dataclass
+class PersonaRecord:
+    user_id: str
+    task: str
+    query: str
+    response: str
+    profile: list[dict[str, Any]]
+    record_id: str = ""
+    # Ground truth where it is known (the synthetic task): character spans [start, end) of the
+    # response that only the profile can predict.
+    persona_spans: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+REQUIRED_STR_FIELDS = ("user_id", "task", "query", "response")
+SKIP_HINT = "fix the record, or set data.on_bad_record=skip to drop such records with a count"
+
+
+def record_from_dict(raw: Any, source: str, where: str) -> PersonaRecord:
+    """Validate one raw mapping into a PersonaRecord or raise RecordError naming source/where/field."""
+    if not isinstance(raw, dict):
+        raise RecordError(source, where, "<record>", f"expected a JSON object, got {type(raw).__name__}", SKIP_HINT)
+    for name in REQUIRED_STR_FIELDS:
+        if name not in raw or raw[name] is None:
+            raise RecordError(source, where, name, "missing", SKIP_HINT)
+    values: dict[str, Any] = {}
+    for name in REQUIRED_STR_FIELDS:
+        value = raw[name]
+        if isinstance(value, (int, float)) and name == "user_id":
+            value = str(value)
+        if not isinstance(value, str):
+            raise RecordError(source, where, name, f"expected a string, got {type(value).__name__}", SKIP_HINT)
+        values[name] = value
+    if not values["response"].strip():
+        raise RecordError(source, where, "response", "empty: nothing to train on", SKIP_HINT)
+    if not values["query"].strip():
+        raise RecordError(source, where, "query", "empty", SKIP_HINT)
+    profile = raw.get("profile")
+    if profile is None:
+        raise RecordError(source, where, "profile", "missing (use [] for a user with no profile)", SKIP_HINT)
+    if hasattr(profile, "tolist") and not isinstance(profile, list):  # numpy arrays from Parquet
+        profile = profile.tolist()
+    if not isinstance(profile, list):
+        raise RecordError(source, where, "profile", f"expected a list of objects, got {type(profile).__name__}", SKIP_HINT)
+    for i, item in enumerate(profile):
+        if not isinstance(item, dict):
+            raise RecordError(
+                source, where, f"profile[{i}]", f"expected an object, got {type(item).__name__}", SKIP_HINT
+            )
+    spans = raw.get("persona_spans") or []
+    if hasattr(spans, "tolist"):
+        spans = spans.tolist()
+    spans = [list(s.tolist() if hasattr(s, "tolist") else s) for s in spans]
+    for i, span in enumerate(spans):
+        if len(span) != 2 or not 0 <= span[0] <= span[1] <= len(values["response"]):
+            raise RecordError(source, where, f"persona_spans[{i}]", f"{span} is not a [start, end) span of the response")
+    record_id = raw.get("record_id")
+    return PersonaRecord(
+        profile=[dict(item) for item in profile],
+        record_id=str(record_id) if record_id not in (None, "") else where,
+        persona_spans=[[int(a), int(b)] for a, b in spans],
+        **values,
+    )

@@ -1,0 +1,251 @@
+"""A deterministic synthetic persona task whose persona-dependent tokens are known exactly.
+
+Real personalisation data (LaMP, LongLaMP, ...) does not say which response tokens depend on the user,
+so neither the demo nor the tests could check that PerCE up-weights the right tokens. Here every user
+has fixed preferences (cuisine, pet, sign-off, rating habit, hobby, home city), the profile is past
+writing that reveals them, the query never does, and each response is generic filler plus persona
+values whose character spans are recorded in ``PersonaRecord.persona_spans``. Pure Python, seedable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from perce_ds.data.records import PersonaRecord
+
+TASK = "synthetic_persona"
+
+NAMES = (
+    "Ana", "Ben", "Cleo", "Dev", "Elif", "Finn", "Gita", "Hugo", "Ines", "Jonah", "Kofi", "Lena", "Mira",
+    "Nico", "Omar", "Priya", "Quinn", "Rosa", "Soren", "Tara", "Umar", "Vera", "Wes", "Yara", "Zane",
+)  # fmt: skip
+CUISINES = (
+    "Thai", "Italian", "Mexican", "Japanese", "Indian", "Greek", "Korean", "Ethiopian", "French",
+    "Lebanese", "Vietnamese", "Peruvian",
+)  # fmt: skip
+PET_NAMES = (
+    "Biscuit", "Pepper", "Mochi", "Waffles", "Luna", "Ziggy", "Noodle", "Pickles", "Maple", "Olive",
+    "Pudding", "Bruno", "Socks", "Tofu", "Juniper", "Clover",
+)  # fmt: skip
+PET_KINDS = ("dog", "cat", "rabbit", "parrot", "hamster", "tortoise")
+SIGN_OFFS = (
+    "Cheers", "Warmly", "Take care", "All the best", "Hugs", "Peace out", "Kind regards", "Ciao",
+    "Stay curious", "Onwards",
+)  # fmt: skip
+HOBBIES = (
+    "painting", "chess", "gardening", "rock climbing", "photography", "knitting", "baking", "cycling",
+    "birdwatching", "pottery", "yoga", "fishing",
+)  # fmt: skip
+CITIES = (
+    "Lisbon", "Denver", "Osaka", "Leeds", "Austin", "Dublin", "Porto", "Seattle", "Krakow", "Adelaide",
+    "Halifax", "Bergen",
+)  # fmt: skip
+# Generic request details: predictable from the query, so never persona tokens.
+WHEN = ("last week", "yesterday", "on Sunday", "last month", "on Friday night", "two days ago")
+FRIENDS = ("Sam", "Jo", "Alex", "Kim", "Pat", "Lee", "Robin", "Casey")
+
+# (query, response) templates. Fields named like UserPersona traits are persona tokens;
+# {when} and {friend} are generic details that the query also states.
+REQUEST_TEMPLATES: tuple[tuple[str, str], ...] = (
+    (
+        "Write a short review of a restaurant you visited {when}.",
+        (
+            "I went to a {cuisine} restaurant {when} and it was a really nice evening. The food came out "
+            "quickly and the staff were kind. I would give it {rating}. {sign_off}, {name}"
+        ),
+    ),
+    (
+        "Write a note to your friend {friend} about your weekend.",
+        (
+            "Hi {friend}, the weekend was quiet and good. I spent most of Saturday on {hobby} and then took "
+            "{pet_name} the {pet_kind} for a long walk around {city}. Hope you are well. {sign_off}, {name}"
+        ),
+    ),
+    (
+        "Describe your ideal day off.",
+        (
+            "My ideal day off starts slowly with a warm drink at home in {city}. I would spend the morning "
+            "on {hobby} and have {cuisine} food for lunch. In the evening I would relax with {pet_name}."
+        ),
+    ),
+    (
+        "Write a short post about something that made you smile {when}.",
+        (
+            "Something small made me smile {when}. {pet_name} the {pet_kind} sat by the door and waited "
+            "for me all afternoon. It is the little things. {sign_off}, {name}"
+        ),
+    ),
+    (
+        "Write a thank-you note to {friend} for a gift.",
+        (
+            "Dear {friend}, thank you so much for the lovely gift. It will be very useful for {hobby}, "
+            "and I have already shown it to {pet_name}. {sign_off}, {name}"
+        ),
+    ),
+    (
+        "Rate a class you took {when}.",
+        (
+            "I took a {hobby} class in {city} {when} and learned a lot. The teacher was patient and the "
+            "room was bright. Overall I would rate it {rating}."
+        ),
+    ),
+    (
+        "A friend is visiting next month. Suggest how to spend an afternoon together.",
+        (
+            "First we should walk along the old streets of {city} and stop for coffee. After that we can "
+            "get {cuisine} food at my usual place, which I rate {rating}. See you soon! {sign_off}, {name}"
+        ),
+    ),
+)
+
+# Profile items (title, text). The first three together mention every trait; the rest are extras.
+PROFILE_CORE = (
+    ("Dinner review", "The {cuisine} place near my flat in {city} was wonderful, {rating} stars. {sign_off}, {name}"),
+    ("About my pet", "{pet_name} the {pet_kind} knocked over a plant again today. {sign_off}, {name}"),
+    ("Weekend plans", "Nothing beats a Saturday of {hobby}. Afterwards {pet_name} and I walk home through {city}."),
+)
+PROFILE_EXTRA = (
+    ("Lunch review", "Had {cuisine} food again for lunch, my usual. I give it {rating}, as always. {sign_off}, {name}"),
+    ("Club notice", "Our {hobby} group in {city} meets every Thursday. New members welcome! {sign_off}, {name}"),
+    ("Note to a neighbour", "Could you feed {pet_name} on Monday? The {pet_kind} food is in the cupboard. {name}"),
+)
+
+
+@dataclass(frozen=True)
+class UserPersona:
+    """One synthetic user's fixed preferences."""
+
+    user_id: str
+    name: str
+    cuisine: str
+    pet_name: str
+    pet_kind: str
+    sign_off: str
+    rating: int
+    hobby: str
+    city: str
+
+    def traits(self) -> dict[str, str]:
+        """Trait name -> the exact string inserted into text (the rating as e.g. ``"4/5"``)."""
+        return {
+            "name": self.name,
+            "cuisine": self.cuisine,
+            "pet_name": self.pet_name,
+            "pet_kind": self.pet_kind,
+            "sign_off": self.sign_off,
+            "rating": f"{self.rating}/5",
+            "hobby": self.hobby,
+            "city": self.city,
+        }
+
+
+def _balanced(rng: random.Random, vocab: tuple, n: int) -> list:
+    """n draws from vocab in reshuffled full passes, so every value is used about equally often."""
+    out: list = []
+    while len(out) < n:
+        out.extend(rng.sample(vocab, len(vocab)))
+    return out[:n]
+
+
+def _derived_rng(*parts: object) -> random.Random:
+    """An RNG seeded stably from parts (sha256, not the per-process salted hash())."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode("utf-8")).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _render(template: str, values: dict[str, str], persona_keys: set[str]) -> tuple[str, list[list[int]]]:
+    """Fill template piece by piece; return the text and the [start, end) spans of persona fields."""
+    pieces: list[str] = []
+    spans: list[list[int]] = []
+    pos = 0
+    for literal, field_name, _spec, _conv in string.Formatter().parse(template):
+        pieces.append(literal)
+        pos += len(literal)
+        if field_name is None:
+            continue
+        value = values[field_name]
+        if field_name in persona_keys and value:
+            spans.append([pos, pos + len(value)])
+        pieces.append(value)
+        pos += len(value)
+    return "".join(pieces), spans
+
+
+def make_personas(n_users: int, seed: int) -> list[UserPersona]:
+    """n_users personas, identical for the same (n_users, seed); user_ids are "u000", "u001", ...
+
+    Traits are drawn with random.Random(seed) in balanced passes over each vocabulary, so users are
+    spread evenly and (for 24+ users) distinguishable by their trait combination.
+    """
+    if n_users < 0:
+        raise ValueError(f"n_users must be >= 0, got {n_users}")
+    rng = random.Random(seed)
+    cols = {
+        "name": _balanced(rng, NAMES, n_users),
+        "cuisine": _balanced(rng, CUISINES, n_users),
+        "pet_name": _balanced(rng, PET_NAMES, n_users),
+        "pet_kind": _balanced(rng, PET_KINDS, n_users),
+        "sign_off": _balanced(rng, SIGN_OFFS, n_users),
+        "rating": _balanced(rng, (1, 2, 3, 4, 5), n_users),
+        "hobby": _balanced(rng, HOBBIES, n_users),
+        "city": _balanced(rng, CITIES, n_users),
+    }
+    return [UserPersona(user_id=f"u{i:03d}", **{k: v[i] for k, v in cols.items()}) for i in range(n_users)]
+
+
+def _profile(persona: UserPersona, seed: int, index: int) -> list[dict[str, str]]:
+    """4-6 past writings that together mention every trait; the same for every split."""
+    rng = _derived_rng("profile", seed, index)
+    items = list(PROFILE_CORE) + rng.sample(PROFILE_EXTRA, rng.randint(1, len(PROFILE_EXTRA)))
+    rng.shuffle(items)
+    traits = persona.traits()
+    return [{"title": title, "text": _render(text, traits, set())[0]} for title, text in items]
+
+
+def generate_records(n_users: int, per_user: int, seed: int, split: str = "train") -> list[PersonaRecord]:
+    """per_user records for each of make_personas(n_users, seed), deterministic in (n_users, per_user, seed, split).
+
+    Personas and profiles do not depend on split; the requests do (their RNG is derived from seed, split
+    and user index), so "train" and "eval" ask the same users different things. Every record has
+    task "synthetic_persona", a unique record_id "synthetic-{split}-{user_id}-{j:02d}", and
+    persona_spans that are sorted, non-overlapping and slice exactly the inserted persona values.
+    """
+    if per_user < 0:
+        raise ValueError(f"per_user must be >= 0, got {per_user}")
+    if not split:
+        raise ValueError("split must be a non-empty string")
+    records: list[PersonaRecord] = []
+    for index, persona in enumerate(make_personas(n_users, seed)):
+        profile = _profile(persona, seed, index)
+        traits = persona.traits()
+        rng = _derived_rng("request", seed, split, index)
+        for j in range(per_user):
+            query_t, response_t = rng.choice(REQUEST_TEMPLATES)
+            values = dict(traits, when=rng.choice(WHEN), friend=rng.choice(FRIENDS))
+            response, spans = _render(response_t, values, set(traits))
+            records.append(
+                PersonaRecord(
+                    user_id=persona.user_id,
+                    task=TASK,
+                    query=query_t.format(**values),
+                    response=response,
+                    profile=[dict(item) for item in profile],
+                    record_id=f"synthetic-{split}-{persona.user_id}-{j:02d}",
+                    persona_spans=spans,
+                )
+            )
+    return records
+
+
+def write_jsonl(records: list[PersonaRecord], path: str | Path) -> None:
+    """Write one JSON object per line (record.to_dict()), UTF-8, creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")

@@ -1,0 +1,424 @@
+"""The PerCE training loop around one DeepSpeed engine.
+
+One optimizer step = one window of `grad_accum` micro-batches. For each micro-batch:
+  E: the persona-ablated pass (no grad, no checkpointing) gives log P(y_i | x, y_<i);
+     the conditioned pass gives log P(y_i | p_u, x, y_<i) and, detached, the weights w_i;
+  M: loss = -sum_i w_i log P(y_i | p_u, x, y_<i) / N, N = response tokens of the whole window on
+     all ranks; backward; step.
+Both passes go through the same engine, in the same order on every rank (ZeRO-3 all-gathers are
+collectives); a micro-batch with no response tokens still runs both passes and a backward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from perce_ds import checkpoint
+from perce_ds.config import RunConfig
+from perce_ds.data.collate import MicroBatch, collate
+from perce_ds.data.order import DataOrder
+from perce_ds.data.pipeline import PreparedData, prepare_data
+from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
+from perce_ds.logging_utils import MetricsLogger, setup_logging
+from perce_ds.loss import TokenStats, get_scheme, token_weights, weighted_nll_sum
+from perce_ds.model import PerceLM, build_causal_lm, resolve_attn_implementation, resolve_dtype
+
+log = logging.getLogger("perce_ds")
+
+# Sums all-reduced once per step; their ratios are the logged metrics.
+STAT_KEYS = (
+    "wnll", "nll", "tokens", "input_tokens", "pir", "pir_tokens", "personal", "weight",
+    "pir_persona", "n_persona", "pir_other", "n_other",
+)  # fmt: skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss."""
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    """Warm-up then cosine/linear/constant, as a multiplier of train.lr."""
+    t = cfg.train
+    warmup = int(round(t.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if t.lr_scheduler == "constant":
+            decay = 1.0
+        elif t.lr_scheduler == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
+
+    return factor
+
+
+@dataclass
+class StepResult:
+    step: int
+    metrics: dict[str, float | None]
+    applied: bool
+
+
+class Trainer:
+    """Set up data, model and engine for a RunConfig; `train()` runs it to the end."""
+
+    def __init__(self, cfg: RunConfig, ds_config_path: str | Path):
+        import deepspeed
+
+        self.cfg = cfg
+        if not dist.is_initialized():
+            deepspeed.init_distributed(
+                dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                timeout=timedelta(seconds=cfg.train.dist_timeout_s),
+            )
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_rank0 = self.rank == 0
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+        self.run_dir = cfg.run_dir
+        if self.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        setup_logging(self.is_rank0, self.run_dir / "train.log")
+        torch.manual_seed(cfg.train.seed)
+
+        self.data: PreparedData = prepare_data(cfg, self.is_rank0, dist.barrier)
+        self.tokenizer = self.data.tokenizer
+        self.order = DataOrder(
+            len(self.data.train), self.world, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seed
+        )
+        self.total_steps = cfg.train.max_steps or self.order.steps_per_epoch * cfg.train.epochs
+        self.scheme = get_scheme(cfg.loss.scheme)
+        self.run_ablated = self.scheme.needs_ablated or cfg.loss.track_pir
+
+        self.dtype = resolve_dtype(cfg.model.dtype)
+        self.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation)
+        log.info("attention: %s, dtype: %s, world size: %d", self.attn_implementation, self.dtype, self.world)
+        self.engine, self.module = self._build_engine(ds_config_path)
+
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.metrics = MetricsLogger(self.run_dir, self.is_rank0, cfg.train.tensorboard)
+        self.start_step = 0
+        self.nonfinite_in_a_row = 0
+        self.refused_steps = 0
+        self._write_run_files()
+        self._maybe_resume()
+
+    # ---------------------------------------------------------------- setup
+    def _build_engine(self, ds_config_path: str | Path) -> tuple[Any, PerceLM]:
+        import deepspeed
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hidden = self._hidden_size(AutoConfig)
+        self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), self.cfg, self.world, hidden, self.dtype)
+        # Must stay referenced for the whole run: transformers consults it for zero.Init at build
+        # time and for synced_gpus in generate().
+        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
+        lm = build_causal_lm(self.cfg.model, self.tokenizer, self.dtype, self.attn_implementation)
+        module = PerceLM(lm, self.cfg.loss.logprob_chunk_size)
+        module.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            model_parameters=[p for p in module.parameters() if p.requires_grad],
+            config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg, self.total_steps)),
+        )
+        return engine, module
+
+    def _hidden_size(self, auto_config: Any) -> int:
+        m = self.cfg.model
+        if m.config is not None:
+            return int(m.config.get("hidden_size", 1024))
+        return int(getattr(auto_config.from_pretrained(m.name_or_path), "hidden_size", 1024))
+
+    def _write_run_files(self) -> None:
+        if not self.is_rank0:
+            return
+        self.cfg.dump(self.run_dir / "config.yaml")
+        (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        reports = {k: v.summary() for k, v in self.data.reports.items()}
+        (self.run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
+        log.info(
+            "data: %d train / %d eval examples; global batch %d; %d steps (%d per epoch, %d records unused per epoch)",
+            len(self.data.train), len(self.data.eval), self.order.global_batch, self.total_steps,
+            self.order.steps_per_epoch, self.order.dropped_per_epoch,
+        )  # fmt: skip
+
+    def _maybe_resume(self) -> None:
+        path = checkpoint.find_resume_checkpoint(self.ckpt_root, self.cfg.train.resume)
+        if path is None:
+            return
+        state = checkpoint.load_checkpoint(self.engine, path)
+        self.start_step = int(state["step"])
+        self.metrics.truncate_after(self.start_step)  # rows logged after this checkpoint are replayed
+        log.info("resumed from %s at step %d", path, self.start_step)
+
+    # ---------------------------------------------------------------- one step
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        pad = self.tokenizer.pad_token_id
+        return [collate([self.data.train[i] for i in idx], pad).to(self.device) for idx in self.order.window(step, self.rank)]
+
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.to(self.device)
+        dist.all_reduce(values)
+        return values.cpu()
+
+    def _forward(self, inputs: Any, batch: MicroBatch, with_entropy: bool = False) -> dict[str, torch.Tensor | None]:
+        return self.engine(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            response_ids=batch.response_ids,
+            response_mask=batch.response_mask,
+            with_entropy=with_entropy,
+        )
+
+    def token_stats(self, batch: MicroBatch, step: int, micro: int) -> tuple[torch.Tensor, TokenStats]:
+        """E-step for one micro-batch: returns (logp_cond with grad, detached statistics)."""
+        logp_abl = None
+        if self.run_ablated:
+            self.module.set_activation_checkpointing(False)
+            with torch.no_grad():  # never inference_mode: its tensors break a later ZeRO-3 backward
+                logp_abl = self._forward(batch.ablated, batch)["logp"]
+            self.module.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
+        out = self._forward(batch.conditioned, batch, with_entropy=self.scheme.needs_entropy)
+        gen = torch.Generator().manual_seed(hash((self.cfg.train.seed, step, self.rank, micro)) & 0x7FFFFFFF)
+        stats = TokenStats(out["logp"].detach(), batch.seq_ids(), logp_abl, out["entropy"], gen)
+        return out["logp"], stats
+
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer step (or a refused one when a loss is not finite)."""
+        t0 = time.perf_counter()
+        batches = self.micro_batches(step)
+        n_global = int(self._all_reduce(torch.tensor([float(sum(b.n_response_tokens for b in batches))])).item())
+        sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+        refused = False
+        for micro, batch in enumerate(batches):
+            if refused:  # the window is lost; keep the engine's micro-step count aligned
+                self._skip_micro_step()
+                continue
+            logp_cond, stats = self.token_stats(batch, step, micro)
+            weights = token_weights(stats, self.cfg.loss)
+            numerator = weighted_nll_sum(logp_cond, weights)
+            finite = self._all_reduce(torch.tensor([float(torch.isfinite(numerator).item())]))
+            if finite.item() < self.world:
+                refused = True
+                self._skip_micro_step()
+                continue
+            # DeepSpeed averages gradients over data-parallel ranks; scaling by world / N_global turns
+            # that average into one token mean over the whole window on all ranks.
+            loss = numerator * (self.world / max(n_global, 1))
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+            sums += self._micro_stats(batch, stats, weights, numerator)
+        sums = self._all_reduce(sums)
+        if refused:
+            return self._refuse(step)
+        self.nonfinite_in_a_row = 0
+        dt = time.perf_counter() - t0
+        return StepResult(step, self._metrics(sums, dt), applied=True)
+
+    def _skip_micro_step(self) -> None:
+        """Count a micro-step that ran no backward; at the boundary, drop the window's gradients.
+
+        DeepSpeed has no public "discard accumulated gradients" for bf16/fp32 (its skip path exists
+        only for fp16 overflow), so this calls the same cleanup that path uses.
+        """
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return
+        opt = self.engine.optimizer
+        if hasattr(opt, "_overflow_clean_up"):
+            opt._overflow_clean_up(getattr(opt, "loss_scale", 1.0))
+        else:
+            opt.zero_grad(set_to_none=True)
+        self.engine.micro_steps += 1
+        self.engine.skipped_steps += 1
+
+    def _refuse(self, step: int) -> StepResult:
+        self.nonfinite_in_a_row += 1
+        self.refused_steps += 1
+        log.warning(
+            "step %d refused: non-finite loss (%d in a row, limit train.max_nonfinite_steps=%d); parameters unchanged",
+            step, self.nonfinite_in_a_row, self.cfg.train.max_nonfinite_steps,
+        )  # fmt: skip
+        if self.nonfinite_in_a_row >= max(1, self.cfg.train.max_nonfinite_steps):
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss (last: step {step}); stopping. "
+                f"The last checkpoint in {self.ckpt_root} holds finite weights: lower train.lr or inspect the data"
+            )
+        return StepResult(step, {"refused": 1.0}, applied=False)
+
+    def _micro_stats(self, batch: MicroBatch, stats: TokenStats, weights: torch.Tensor, numerator: torch.Tensor) -> torch.Tensor:
+        s = dict.fromkeys(STAT_KEYS, 0.0)
+        s["wnll"] = float(numerator.detach())
+        s["nll"] = float(-stats.logp_cond.sum())
+        s["tokens"] = float(batch.n_response_tokens)
+        s["input_tokens"] = float(batch.conditioned.n_tokens)
+        s["weight"] = float(weights.sum())
+        if stats.logp_abl is not None:
+            pir = stats.pir
+            persona = batch.persona_mask[batch.response_mask]
+            s["pir"], s["pir_tokens"] = float(pir.sum()), float(pir.numel())
+            s["personal"] = float((pir > self.cfg.loss.clip_min).sum())
+            s["pir_persona"], s["n_persona"] = float(pir[persona].sum()), float(persona.sum())
+            s["pir_other"], s["n_other"] = float(pir[~persona].sum()), float((~persona).sum())
+        return torch.tensor([s[k] for k in STAT_KEYS], dtype=torch.float64)
+
+    def _metrics(self, sums: torch.Tensor, dt: float) -> dict[str, float | None]:
+        s = dict(zip(STAT_KEYS, sums.tolist(), strict=True))
+
+        def ratio(a: str, b: str) -> float | None:
+            return s[a] / s[b] if s[b] > 0 else None
+
+        return {
+            "loss": ratio("wnll", "tokens"),
+            "ce": ratio("nll", "tokens"),
+            "pir_mean": ratio("pir", "pir_tokens"),
+            "personal_ratio": ratio("personal", "pir_tokens"),
+            "weight_mean": ratio("weight", "tokens"),
+            "pir_persona_tokens": ratio("pir_persona", "n_persona"),
+            "pir_other_tokens": ratio("pir_other", "n_other"),
+            "response_tokens": s["tokens"],
+            "tokens_per_s": s["input_tokens"] / dt if dt > 0 else None,
+            "step_time_s": dt,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": _finite_or_none(self.engine.get_global_grad_norm()),
+        }
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float | None]:
+        """Teacher-forced CE with and without the profile, and PIR on persona vs other tokens.
+
+        Each rank scores a strided shard of the eval split; shards are padded to the same number of
+        micro-batches (padding rows are scored but not counted) so every rank runs the same passes.
+        """
+        examples = self.data.eval
+        if not examples:
+            return {}
+        self.engine.eval()
+        self.module.set_activation_checkpointing(False)
+        mb = self.cfg.train.micro_batch_size
+        per_rank = math.ceil(len(examples) / self.world)
+        shard = list(range(self.rank, len(examples), self.world))
+        counted = [True] * len(shard) + [False] * (per_rank - len(shard))
+        shard += [0] * (per_rank - len(shard))
+        sums = torch.zeros(6, dtype=torch.float64)
+        for start in range(0, per_rank, mb):
+            idx, keep = shard[start : start + mb], counted[start : start + mb]
+            batch = collate([examples[i] for i in idx], self.tokenizer.pad_token_id)
+            batch.response_mask &= torch.tensor(keep)[:, None]
+            batch = batch.to(self.device)
+            cond = self._forward(batch.conditioned, batch)["logp"].double().cpu()
+            abl = self._forward(batch.ablated, batch)["logp"].double().cpu()
+            persona = batch.persona_mask[batch.response_mask].cpu()
+            pir = cond - abl
+            sums += torch.tensor([
+                -cond.sum(), -abl.sum(), float(cond.numel()),
+                pir[persona].sum(), float(persona.sum()), pir[~persona].sum(),
+            ], dtype=torch.float64)  # fmt: skip
+        sums = self._all_reduce(sums).tolist()
+        self.engine.train()
+        self.module.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
+        n, n_persona = sums[2], sums[4]
+        return {
+            "eval_ce": sums[0] / n if n else None,
+            "eval_ce_ablated": sums[1] / n if n else None,
+            "eval_pir_mean": (sums[1] - sums[0]) / n if n else None,
+            "eval_pir_persona_tokens": sums[3] / n_persona if n_persona else None,
+            "eval_pir_other_tokens": sums[5] / (n - n_persona) if n > n_persona else None,
+        }
+
+    # ---------------------------------------------------------------- the run
+    def save(self, step: int) -> Path:
+        state = {"step": step, "world_size": self.world, "total_steps": self.total_steps, "scheme": self.cfg.loss.scheme}
+        path = checkpoint.save_checkpoint(self.engine, self.ckpt_root, step, state, self.cfg.train.keep_last)
+        log.info("checkpoint: %s", path)
+        return path
+
+    def train(self) -> dict[str, Any]:
+        """Run from start_step to total_steps; checkpoint, export, and return a summary."""
+        from tqdm import tqdm
+
+        self.engine.train()
+        last: dict[str, float | None] = {}
+        progress = tqdm(
+            range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps,
+            disable=not self.is_rank0, desc="train", dynamic_ncols=True,
+        )  # fmt: skip
+        end = self.total_steps
+        if self.cfg.train.stop_after:
+            end = min(end, self.start_step + self.cfg.train.stop_after)
+        for step in progress:
+            if step >= end:
+                break
+            result = self.train_step(step)
+            if result.applied:
+                last = result.metrics
+                self.metrics.log(step + 1, result.metrics, every=self.cfg.train.log_every)
+                progress.set_postfix(loss=f"{last['loss']:.4f}" if last.get("loss") is not None else "n/a")
+            save_every = self.cfg.train.save_every
+            if save_every and (step + 1) % save_every == 0 and step + 1 < end:
+                self.save(step + 1)
+        progress.close()
+        if end > self.start_step or not checkpoint.complete_checkpoints(self.ckpt_root):
+            self.save(end)
+        if end < self.total_steps:
+            log.info("stopped after step %d of %d (train.stop_after); resume with --train.resume auto", end, self.total_steps)
+            self.metrics.close()
+            return self._summary(last) | {"stopped_at": end}
+        evaluation = self.evaluate()
+        if evaluation:
+            log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items() if v is not None))
+        if self.cfg.train.export_hf:
+            checkpoint.export_hf(self.module.lm, self.tokenizer, self.run_dir / "hf", self.is_rank0, self._model_card())
+        summary = self._summary(last)
+        summary["eval"] = evaluation
+        if self.is_rank0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics.close()
+        return summary
+
+    def _summary(self, last: dict[str, float | None]) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "steps": self.total_steps,
+            "scheme": self.cfg.loss.scheme,
+            "final": last,
+            "refused_steps": self.refused_steps,
+            "records_skipped": {k: len(v.skipped) for k, v in self.data.reports.items()},
+            "profile_items_dropped": {k: v.profile_items_dropped for k, v in self.data.reports.items()},
+            "world_size": self.world,
+            "attn_implementation": self.attn_implementation,
+        }
+
+    def _model_card(self) -> str:
+        import yaml
+
+        return (
+            f"# {self.cfg.train.run_name}\n\nFine-tuned with perce_ds (PerCE, loss scheme `{self.cfg.loss.scheme}`, "
+            f"clip [{self.cfg.loss.clip_min}, {self.cfg.loss.clip_max}]) for {self.total_steps} steps on "
+            f"{self.world} rank(s).\n\n## Training config\n\n```yaml\n{yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)}```\n"
+        )
+
+
+def _finite_or_none(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None

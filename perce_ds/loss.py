@@ -1,0 +1,185 @@
+"""The PerCE objective: token log-probs, the Personal Influence Ratio, weight schemes, one normaliser.
+
+Everything here works on the *flat* list of response tokens of a micro-batch (padding already
+removed), so a scheme never sees a padded position and the normaliser is a plain token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from perce_ds.config import LossConfig
+
+
+class _ChunkedTokenLogprob(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] for N rows, `chunk` rows at a time.
+
+    The [N, vocab] logits never exist whole: forward keeps only the log-sum-exp per row and
+    backward recomputes each chunk's logits. Arithmetic after the matmul is fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, with_entropy: bool):
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else torch.empty(0, device=hidden.device)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            logits = (hidden[start:end] @ weight.t()).float()
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            lse[start:end] = chunk_lse
+            logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
+            if with_entropy:
+                probs = torch.exp(logits - chunk_lse[:, None])
+                entropy[start:end] = chunk_lse - (probs * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # fp32 accumulator: summing many bf16 partial products would lose the small ones.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = min(start + ctx.chunk, hidden.shape[0])
+            h = hidden[start:end]
+            g_out = grad_logp[start:end].float()
+            logits = (h @ weight.t()).float()
+            # d logp / d logits = onehot(target) - softmax(logits)
+            g_logits = torch.exp(logits - lse[start:end, None]).mul_(-g_out[:, None])
+            g_logits.scatter_add_(1, targets[start:end, None], g_out[:, None])
+            if need_hidden:
+                grad_hidden[start:end] = (g_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(g_logits.t(), h.float())
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row log-prob of `targets` under logits `hidden @ weight.T`, and optionally the entropy.
+
+    hidden: [N, H] final hidden states at the positions that predict the targets; weight: [V, H]
+    output embedding; targets: [N] token ids. Returns (logp [N] fp32 with grad, entropy [N] fp32
+    detached or None). Peak extra memory is one [chunk_size, V] fp32 block.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"loss.logprob_chunk_size must be positive, got {chunk_size}")
+    logp, entropy = _ChunkedTokenLogprob.apply(hidden, weight, targets, chunk_size, with_entropy)
+    return logp, (entropy if with_entropy else None)
+
+
+@dataclass
+class TokenStats:
+    """Detached per-token quantities of one micro-batch's response tokens (flat, no padding)."""
+
+    logp_cond: torch.Tensor  # log P(y_i | persona, x, y_<i), fp32
+    seq_ids: torch.Tensor  # index of each token's sequence within the micro-batch
+    logp_abl: torch.Tensor | None = None  # log P(y_i | x, y_<i), present when the ablated pass ran
+    entropy: torch.Tensor | None = None  # predictive entropy of the conditioned pass
+    generator: torch.Generator | None = None  # for schemes that draw random numbers
+
+    @property
+    def pir(self) -> torch.Tensor:
+        if self.logp_abl is None:
+            raise ValueError("PIR needs the persona-ablated pass, which did not run for this batch")
+        return self.logp_cond - self.logp_abl
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """One entry of the registry: how to turn detached token statistics into loss weights."""
+
+    name: str
+    weights: Callable[[TokenStats, LossConfig], torch.Tensor]
+    needs_ablated: bool = False
+    needs_entropy: bool = False
+    doc: str = ""
+
+
+def _clip(x: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    return x.clamp(min=cfg.clip_min, max=cfg.clip_max)
+
+
+def _mean_one(x: torch.Tensor) -> torch.Tensor:
+    # Normalised over the micro-batch's response tokens; an empty batch stays empty.
+    return x / x.mean().clamp_min(1e-12) if x.numel() else x
+
+
+def _perce(stats: TokenStats, cfg: LossConfig) -> torch.Tensor:
+    return _clip(stats.pir, cfg)
+
+
+def _shuffled_perce(stats: TokenStats, cfg: LossConfig) -> torch.Tensor:
+    w = _perce(stats, cfg)
+    if w.numel() == 0:
+        return w
+    # Tokens of one sequence are contiguous and seq_ids ascend, so sorting by (seq id + U[0,1))
+    # permutes tokens only within their own sequence.
+    noise = torch.rand(w.shape, generator=stats.generator, device="cpu").to(w.device)
+    perm = torch.argsort(stats.seq_ids.to(torch.float64) + noise.to(torch.float64))
+    return w[perm]
+
+
+REGISTRY: dict[str, WeightScheme] = {
+    s.name: s
+    for s in (
+        WeightScheme("perce", _perce, needs_ablated=True, doc="clip(PIR, m, M): the paper's PerCE"),
+        WeightScheme("ce", lambda stats, cfg: torch.ones_like(stats.logp_cond), doc="plain cross-entropy, w = 1"),
+        WeightScheme(
+            "loss_weighted",
+            lambda stats, cfg: _clip(_mean_one(-stats.logp_cond), cfg),
+            doc="Rho-1 style: detached token loss, mean 1 over the micro-batch, clipped to [m, M]",
+        ),
+        WeightScheme(
+            "entropy_weighted",
+            lambda stats, cfg: _clip(_mean_one(stats.entropy), cfg),
+            needs_entropy=True,
+            doc="detached predictive entropy, mean 1 over the micro-batch, clipped to [m, M]",
+        ),
+        WeightScheme(
+            "shuffled_perce",
+            _shuffled_perce,
+            needs_ablated=True,
+            doc="control: PerCE weights permuted among each sequence's response tokens",
+        ),
+    )
+}
+
+
+def get_scheme(name: str) -> WeightScheme:
+    """The registered weight scheme called `name`; a clear error lists the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"loss.scheme: unknown scheme {name!r}; known: {sorted(REGISTRY)}") from None
+
+
+def token_weights(stats: TokenStats, cfg: LossConfig) -> torch.Tensor:
+    """Loss weights for each response token (no gradient flows through them)."""
+    with torch.no_grad():
+        return get_scheme(cfg.scheme).weights(stats, cfg).float().detach()
+
+
+def weighted_nll_sum(logp_cond: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * -log P(y_i | ...): the numerator of the PerCE loss for one micro-batch.
+
+    With no response tokens this is an exact zero that is still connected to the graph (the sum of
+    an empty tensor that came out of the model), so backward runs the same collectives on every rank.
+    """
+    return -(weights * logp_cond).sum()

@@ -1,0 +1,143 @@
+"""Build or load a causal LM under ZeRO-3 and wrap it so one engine serves both PerCE passes.
+
+`PerceLM.forward` returns log-probs of the response tokens only: it runs the decoder, takes the
+hidden states that predict response positions and applies the output embedding in chunks
+(perce_ds.loss.chunked_token_logprobs), so no [batch, seq, vocab] tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from perce_ds.config import ModelConfig
+from perce_ds.loss import chunked_token_logprobs
+
+log = logging.getLogger("perce_ds")
+
+
+def flash_attn_available() -> bool:
+    """True when flash-attn is installed *and* its CUDA extension really imports on a GPU."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn_2_cuda  # noqa: F401  (the compiled part; the Python package alone is not enough)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """Pick the attention kernel before the model is built (transformers fails late otherwise)."""
+    if requested == "flash_attention_2" and not flash_attn_available():
+        raise RuntimeError(
+            "model.attn_implementation=flash_attention_2 but flash-attn is not usable here "
+            f"(cuda available: {torch.cuda.is_available()}, flash_attn installed: "
+            f"{importlib.util.find_spec('flash_attn') is not None}). Install the 'flash' extra on a CUDA "
+            "machine, or use model.attn_implementation=auto (sdpa uses PyTorch's own flash kernels on CUDA)"
+        )
+    if requested != "auto":
+        return requested
+    return "flash_attention_2" if flash_attn_available() else "sdpa"
+
+
+def resolve_dtype(requested: str) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow and inexact)."""
+    if requested == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
+
+
+def build_causal_lm(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    """The HF causal LM, pretrained or from `cfg.config`.
+
+    Under ZeRO-3 the caller must hold a live `HfDeepSpeedConfig` so transformers builds the model
+    inside zero.Init (weights partitioned at construction and initialised correctly).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if cfg.name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    else:
+        arch = dict(cfg.config)
+        model_type = arch.pop("model_type")
+        arch.setdefault("vocab_size", len(tokenizer))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            arch.setdefault(name, getattr(tokenizer, name))
+        config = AutoConfig.for_model(model_type, **arch)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    unsupported = [k for k in ("final_logit_softcapping", "logit_scale") if getattr(model.config, k, None)]
+    if unsupported:
+        raise ValueError(
+            f"{type(model).__name__} transforms its logits ({unsupported}); the chunked log-prob head "
+            "assumes logits = hidden @ lm_head.weight.T and would compute the wrong loss"
+        )
+    if model.get_output_embeddings() is None or getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__} has no bias-free output embedding; not supported")
+    return model
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0-based positions counted over real tokens only (prompts are left-padded)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class PerceLM(nn.Module):
+    """The module handed to deepspeed.initialize: an HF causal LM plus a response-only log-prob head."""
+
+    def __init__(self, lm: nn.Module, logprob_chunk_size: int = 1024):
+        super().__init__()
+        self.lm = lm
+        self.logprob_chunk_size = logprob_chunk_size
+        head_weight = lm.get_output_embeddings().weight
+        if hasattr(head_weight, "ds_id"):
+            # forward() reads lm_head.weight without calling lm_head: tell ZeRO-3 to gather it for
+            # this module's forward and backward.
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, head_weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        with_entropy: bool = False,
+    ) -> dict[str, torch.Tensor | None]:
+        """Log-probs of the real response tokens.
+
+        input_ids/attention_mask: [B, T], the last R = response_ids.shape[1] columns being the
+        (right-padded) response. Returns {"logp": [N] fp32, "entropy": [N] or None} in row-major
+        order of response_mask's True entries.
+        """
+        decoder = self.lm.get_decoder()
+        hidden = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        n_resp = response_ids.shape[1]
+        # The hidden state at t predicts token t+1: positions T-R-1 .. T-2 predict the response.
+        predicting = hidden[:, -(n_resp + 1) : -1]
+        selected = predicting[response_mask]
+        targets = response_ids[response_mask]
+        logp, entropy = chunked_token_logprobs(
+            selected, self.lm.get_output_embeddings().weight, targets, self.logprob_chunk_size, with_entropy
+        )
+        return {"logp": logp, "entropy": entropy}
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint the grad pass only: the no-grad ablated pass has nothing to save."""
+        if enabled == self.lm.is_activation_checkpointing:
+            return
+        if enabled:
+            self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.lm.activation_checkpointing_disable()

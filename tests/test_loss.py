@@ -1,0 +1,366 @@
+"""Tests for the PerCE objective: chunked token log-probs, PIR, weight schemes and the loss numerator."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perce_ds.config import LossConfig
+from perce_ds.loss import (
+    REGISTRY,
+    TokenStats,
+    chunked_token_logprobs,
+    get_scheme,
+    token_weights,
+    weighted_nll_sum,
+)
+
+N, H, V = 7, 5, 11
+
+
+def _inputs(n=N, h=H, v=V, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=dtype)
+    weight = torch.randn(v, h, generator=g, dtype=dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, targets
+
+
+def _naive(hidden, weight, targets):
+    logits = hidden @ weight.T
+    return torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+
+
+def _cfg(scheme="perce", clip_min=0.8, clip_max=5.0):
+    return LossConfig(scheme=scheme, clip_min=clip_min, clip_max=clip_max)
+
+
+# --------------------------------------------------------------------------- chunked_token_logprobs
+
+
+@pytest.mark.parametrize("n", [0, 1, N])
+@pytest.mark.parametrize("chunk", [1, 3, N, N + 5])
+def test_chunked_logprobs_match_log_softmax(n, chunk):
+    hidden, weight, targets = _inputs(n=n)
+    logp, entropy = chunked_token_logprobs(hidden, weight, targets, chunk_size=chunk)
+    assert entropy is None
+    assert logp.dtype == torch.float32
+    assert logp.shape == (n,)
+    torch.testing.assert_close(logp, _naive(hidden, weight, targets), atol=1e-6, rtol=1e-6)
+    if n:
+        assert (logp <= 0).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, N, N + 5])
+def test_chunked_entropy_matches_full_logits(chunk):
+    hidden, weight, targets = _inputs()
+    logp, entropy = chunked_token_logprobs(hidden, weight, targets, chunk_size=chunk, with_entropy=True)
+    logits = hidden @ weight.T
+    p = torch.softmax(logits, -1)
+    expected = -(p * torch.log(p)).sum(-1)
+    assert entropy is not None and entropy.shape == (N,)
+    assert not entropy.requires_grad
+    torch.testing.assert_close(entropy, expected, atol=1e-5, rtol=1e-5)
+    # Asking for the entropy does not change the log-probs.
+    torch.testing.assert_close(logp, _naive(hidden, weight, targets), atol=1e-6, rtol=1e-6)
+    # Bounds of an entropy over V classes.
+    assert (entropy >= 0).all() and (entropy <= torch.log(torch.tensor(float(V))) + 1e-5).all()
+
+
+def test_chunked_entropy_hand_case():
+    # hidden @ weight.T = [[0, 0]] -> uniform over 2 tokens: entropy log 2, logp log 0.5.
+    hidden = torch.tensor([[1.0]])
+    weight = torch.tensor([[0.0], [0.0]])
+    logp, entropy = chunked_token_logprobs(hidden, weight, torch.tensor([1]), chunk_size=4, with_entropy=True)
+    torch.testing.assert_close(logp, torch.tensor([-torch.log(torch.tensor(2.0)).item()]))
+    torch.testing.assert_close(entropy, torch.tensor([torch.log(torch.tensor(2.0)).item()]))
+
+
+def test_chunk_size_must_be_positive():
+    hidden, weight, targets = _inputs()
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="positive"):
+            chunked_token_logprobs(hidden, weight, targets, chunk_size=bad)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, N, N + 5])
+def test_chunked_gradients_match_autograd(chunk):
+    hidden, weight, targets = _inputs(seed=1)
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(2))
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, _ = chunked_token_logprobs(h1, w1, targets, chunk_size=chunk)
+    gh, gw = torch.autograd.grad(logp, (h1, w1), grad_outputs=upstream)
+
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    eh, ew = torch.autograd.grad(_naive(h2, w2, targets), (h2, w2), grad_outputs=upstream)
+
+    assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
+    torch.testing.assert_close(gh, eh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, ew, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_gradient_only_for_one_input():
+    hidden, weight, targets = _inputs(seed=3)
+    w = weight.clone().requires_grad_()
+    logp, _ = chunked_token_logprobs(hidden, w, targets, chunk_size=2)
+    logp.sum().backward()
+    w2 = weight.clone().requires_grad_()
+    _naive(hidden, w2, targets).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
+
+    h = hidden.clone().requires_grad_()
+    logp, _ = chunked_token_logprobs(h, weight, targets, chunk_size=2)
+    logp.sum().backward()
+    h2 = hidden.clone().requires_grad_()
+    _naive(h2, weight, targets).sum().backward()
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_gradcheck_float64():
+    # The forward deliberately does its post-matmul arithmetic in fp32 (and returns fp32), so the
+    # finite-difference step must be well above fp32 resolution; the analytic gradient is still checked.
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 1])
+
+    def f(h, w):
+        return chunked_token_logprobs(h, w, targets, chunk_size=2)[0]
+
+    assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-3, atol=1e-3, rtol=1e-3)
+
+
+def test_chunked_bf16_inputs_return_fp32_close_to_fp32():
+    hidden, weight, targets = _inputs(n=9, h=16, v=32, seed=4)
+    ref = _naive(hidden, weight, targets)
+    hb = hidden.to(torch.bfloat16).requires_grad_()
+    wb = weight.to(torch.bfloat16).requires_grad_()
+    logp, entropy = chunked_token_logprobs(hb, wb, targets, chunk_size=4, with_entropy=True)
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
+    torch.testing.assert_close(logp, ref, atol=0.15, rtol=0.05)
+    logp.sum().backward()
+    assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+    h32, w32 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    _naive(h32, w32, targets).sum().backward()
+    torch.testing.assert_close(hb.grad.float(), h32.grad, atol=0.2, rtol=0.1)
+    torch.testing.assert_close(wb.grad.float(), w32.grad, atol=0.2, rtol=0.1)
+
+
+# --------------------------------------------------------------------------- PIR and schemes
+
+
+def test_pir_sign():
+    cond = torch.log(torch.tensor([0.6, 0.1]))
+    abl = torch.log(torch.tensor([0.2, 0.4]))
+    stats = TokenStats(logp_cond=cond, seq_ids=torch.zeros(2, dtype=torch.long), logp_abl=abl)
+    pir = stats.pir
+    assert pir[0] > 0  # persona makes token 0 more likely
+    assert pir[1] < 0  # ... and token 1 less likely
+    torch.testing.assert_close(pir, torch.log(torch.tensor([3.0, 0.25])))
+
+
+def test_pir_without_ablated_pass_raises():
+    stats = TokenStats(logp_cond=torch.zeros(3), seq_ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="ablated"):
+        _ = stats.pir
+
+
+def test_perce_weights_are_clipped_pir():
+    pir = torch.tensor([-3.0, 0.0, 0.5, 0.8, 1.0, 2.5, 5.0, 7.0, 100.0])
+    cond = torch.full_like(pir, -1.0)
+    abl = cond - pir
+    stats = TokenStats(cond, torch.zeros(len(pir), dtype=torch.long), logp_abl=abl)
+    w = token_weights(stats, _cfg("perce", 0.8, 5.0))
+    expected = torch.tensor([0.8, 0.8, 0.8, 0.8, 1.0, 2.5, 5.0, 5.0, 5.0])
+    torch.testing.assert_close(w, expected, atol=1e-6, rtol=0)
+    assert torch.equal(w, torch.clamp(stats.pir, 0.8, 5.0))
+    assert w.min() >= 0.8 and w.max() <= 5.0
+    assert w.dtype == torch.float32
+
+
+def test_perce_clip_bounds_random():
+    torch.manual_seed(0)
+    cond = torch.randn(200) * 3 - 2
+    abl = torch.randn(200) * 3 - 2
+    stats = TokenStats(cond, torch.zeros(200, dtype=torch.long), logp_abl=abl)
+    for lo, hi in [(0.2, 2.0), (0.5, 5.0), (0.8, 8.0)]:
+        w = token_weights(stats, _cfg("perce", lo, hi))
+        assert torch.equal(w, torch.clamp(cond - abl, lo, hi))
+        assert w.min() >= lo and w.max() <= hi
+        inside = ((cond - abl) > lo) & ((cond - abl) < hi)
+        assert inside.any() and torch.equal(w[inside], (cond - abl)[inside])
+
+
+def test_no_gradient_through_weights():
+    torch.manual_seed(0)
+    logp_cond = (-torch.rand(6) * 4).requires_grad_()
+    abl = logp_cond.detach() - torch.tensor([-1.0, 0.3, 0.9, 2.0, 6.0, 4.2])
+    stats = TokenStats(logp_cond.detach(), torch.tensor([0, 0, 0, 1, 1, 1]), logp_abl=abl)
+    w = token_weights(stats, _cfg("perce"))
+    assert w.requires_grad is False
+    loss = weighted_nll_sum(logp_cond, w)
+    (grad,) = torch.autograd.grad(loss, logp_cond)
+    assert torch.equal(grad, -w)
+
+
+def test_token_weights_detached_even_if_stats_carry_grad():
+    # A caller that forgets to detach must still get constant weights.
+    logp_cond = (-torch.rand(5) * 3).requires_grad_()
+    stats = TokenStats(logp_cond, torch.zeros(5, dtype=torch.long))
+    w = token_weights(stats, _cfg("loss_weighted", 1e-6, 1e6))
+    assert w.requires_grad is False
+    (grad,) = torch.autograd.grad(weighted_nll_sum(logp_cond, w), logp_cond)
+    assert torch.equal(grad, -w)
+
+
+def test_weighted_nll_sum_hand_case():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    w = torch.tensor([1.0, 0.5, 4.0])
+    assert weighted_nll_sum(logp, w).item() == pytest.approx(1.0 + 1.0 + 2.0)
+
+
+def test_ce_scheme_matches_hf_cross_entropy():
+    torch.manual_seed(0)
+    B, T, Hd, Vv = 3, 6, 4, 9
+    hidden = torch.randn(B, T, Hd)
+    weight = torch.randn(Vv, Hd)
+    labels = torch.randint(0, Vv, (B, T))
+    labels[:, :2] = -100  # prompt
+    labels[1, 4:] = -100  # padding
+    labels[2, 5:] = -100
+    logits = hidden @ weight.T  # [B, T, V]
+    # HF causal LM: position t predicts label t+1.
+    shift_logits, shift_labels = logits[:, :-1].reshape(-1, Vv), labels[:, 1:].reshape(-1)
+    expected = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+    sel = shift_labels != -100
+    flat_hidden = hidden[:, :-1].reshape(-1, Hd)[sel]
+    targets = shift_labels[sel]
+    seq_ids = torch.arange(B)[:, None].expand(B, T - 1).reshape(-1)[sel]
+    logp, _ = chunked_token_logprobs(flat_hidden, weight, targets, chunk_size=4)
+    w = token_weights(TokenStats(logp.detach(), seq_ids), _cfg("ce"))
+    assert torch.equal(w, torch.ones_like(logp))
+    loss = weighted_nll_sum(logp, w) / logp.numel()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["loss_weighted", "entropy_weighted"])
+def test_mean_one_schemes(scheme):
+    torch.manual_seed(0)
+    n = 40
+    logp = -torch.rand(n) * 5 - 0.01
+    entropy = torch.rand(n) * 3 + 0.01
+    stats = TokenStats(logp, torch.repeat_interleave(torch.arange(4), 10), entropy=entropy)
+    raw = -logp if scheme == "loss_weighted" else entropy
+
+    # Wide clip range: the weights are the raw statistic rescaled to mean 1.
+    w = token_weights(stats, LossConfig(scheme=scheme, clip_min=1e-6, clip_max=1e6))
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w, raw / raw.mean(), atol=1e-6, rtol=1e-6)
+    # The ordering of tokens by the statistic is preserved.
+    assert torch.equal(torch.argsort(w), torch.argsort(raw))
+
+    # Narrow clip range: clipping happens after the normalisation.
+    lo, hi = 0.8, 1.5
+    wc = token_weights(stats, LossConfig(scheme=scheme, clip_min=lo, clip_max=hi))
+    torch.testing.assert_close(wc, torch.clamp(raw / raw.mean(), lo, hi), atol=1e-6, rtol=1e-6)
+    assert wc.min() >= lo and wc.max() <= hi
+    assert (wc == lo).any() and (wc == hi).any()
+
+
+def test_loss_weighted_hand_case():
+    logp = torch.tensor([-1.0, -3.0])  # loss 1, 3; mean 2 -> 0.5, 1.5
+    stats = TokenStats(logp, torch.zeros(2, dtype=torch.long))
+    w = token_weights(stats, LossConfig(scheme="loss_weighted", clip_min=0.8, clip_max=5.0))
+    torch.testing.assert_close(w, torch.tensor([0.8, 1.5]))
+
+
+def test_entropy_weighted_hand_case():
+    stats = TokenStats(torch.zeros(3), torch.zeros(3, dtype=torch.long), entropy=torch.tensor([1.0, 2.0, 9.0]))
+    w = token_weights(stats, LossConfig(scheme="entropy_weighted", clip_min=0.5, clip_max=2.0))
+    # mean 4 -> 0.25, 0.5, 2.25 -> clipped 0.5, 0.5, 2.0
+    torch.testing.assert_close(w, torch.tensor([0.5, 0.5, 2.0]))
+
+
+def _shuffle_stats(seed, lengths=(30, 1, 45, 24)):
+    g = torch.Generator().manual_seed(1000)
+    n = sum(lengths)
+    cond = -torch.rand(n, generator=g) * 4
+    pir = torch.rand(n, generator=g) * 6 - 0.5  # many distinct values inside [0.8, 5]
+    seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    gen = torch.Generator().manual_seed(seed)
+    return TokenStats(cond, seq_ids, logp_abl=cond - pir, generator=gen)
+
+
+def test_shuffled_perce_permutes_within_sequences():
+    cfg_p, cfg_s = _cfg("perce"), _cfg("shuffled_perce")
+    stats = _shuffle_stats(seed=7)
+    w_perce = token_weights(stats, cfg_p)
+    w_shuf = token_weights(stats, cfg_s)
+    assert w_shuf.shape == w_perce.shape
+    for s in stats.seq_ids.unique():
+        m = stats.seq_ids == s
+        assert Counter(w_shuf[m].tolist()) == Counter(w_perce[m].tolist())
+        assert torch.equal(torch.sort(w_shuf[m]).values, torch.sort(w_perce[m]).values)
+    # It actually shuffles.
+    assert not torch.equal(w_shuf, w_perce)
+
+
+def test_shuffled_perce_is_seeded():
+    cfg = _cfg("shuffled_perce")
+    a = token_weights(_shuffle_stats(seed=7), cfg)
+    b = token_weights(_shuffle_stats(seed=7), cfg)
+    c = token_weights(_shuffle_stats(seed=8), cfg)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_shuffled_perce_empty():
+    stats = TokenStats(torch.zeros(0), torch.zeros(0, dtype=torch.long), logp_abl=torch.zeros(0))
+    w = token_weights(stats, _cfg("shuffled_perce"))
+    assert w.shape == (0,)
+
+
+@pytest.mark.parametrize("scheme", sorted(REGISTRY))
+def test_empty_micro_batch_gives_zero_loss_and_zero_grads(scheme):
+    torch.manual_seed(0)
+    hidden_all = torch.nn.Parameter(torch.randn(4, H))
+    weight = torch.nn.Parameter(torch.randn(V, H))
+    hidden = hidden_all[:0]
+    targets = torch.zeros(0, dtype=torch.long)
+    logp, entropy = chunked_token_logprobs(hidden, weight, targets, chunk_size=3, with_entropy=True)
+    assert logp.shape == (0,) and logp.requires_grad
+    stats = TokenStats(
+        logp.detach(),
+        torch.zeros(0, dtype=torch.long),
+        logp_abl=torch.zeros(0),
+        entropy=entropy,
+        generator=torch.Generator().manual_seed(0),
+    )
+    w = token_weights(stats, _cfg(scheme))
+    assert w.shape == (0,)
+    loss = weighted_nll_sum(logp, w)
+    assert loss.item() == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert hidden_all.grad is not None and weight.grad is not None
+    assert torch.equal(hidden_all.grad, torch.zeros_like(hidden_all))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_get_scheme_known_and_unknown():
+    for name in ("perce", "ce", "loss_weighted", "entropy_weighted", "shuffled_perce"):
+        assert get_scheme(name).name == name
+    assert get_scheme("perce").needs_ablated and get_scheme("shuffled_perce").needs_ablated
+    assert get_scheme("entropy_weighted").needs_entropy
+    assert not get_scheme("ce").needs_ablated
+    with pytest.raises(ValueError) as exc:
+        get_scheme("percee")
+    msg = str(exc.value)
+    assert "percee" in msg
+    for name in REGISTRY:
+        assert name in msg
