@@ -116,7 +116,9 @@ def export_hf(lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, c
     state = _gathered_state_dict(lm, rank0)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"}
+        )
         lm.config.save_pretrained(str(out_dir))
         if getattr(lm, "generation_config", None) is not None:
             lm.generation_config.save_pretrained(str(out_dir))

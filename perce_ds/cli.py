@@ -33,11 +33,15 @@ def print_summary(summary: dict[str, Any]) -> None:
 
     final, ev = summary.get("final") or {}, summary.get("eval") or {}
     print(f"run directory: {summary['run_dir']}")
-    print(f"scheme {summary['scheme']}, {summary['steps']} steps on {summary['world_size']} rank(s); "
-          f"final train loss {fmt(final.get('loss'))}, CE {fmt(final.get('ce'))}; refused steps {summary['refused_steps']}")
-    print(f"eval CE with profile {fmt(ev.get('eval_ce'))} vs without {fmt(ev.get('eval_ce_ablated'))}; "
-          f"mean PIR on persona tokens {fmt(ev.get('eval_pir_persona_tokens'))} vs other tokens "
-          f"{fmt(ev.get('eval_pir_other_tokens'))}")
+    print(
+        f"scheme {summary['scheme']}, {summary['steps']} steps on {summary['world_size']} rank(s); "
+        f"final train loss {fmt(final.get('loss'))}, CE {fmt(final.get('ce'))}; refused steps {summary['refused_steps']}"
+    )
+    print(
+        f"eval CE with profile {fmt(ev.get('eval_ce'))} vs without {fmt(ev.get('eval_ce_ablated'))}; "
+        f"mean PIR on persona tokens {fmt(ev.get('eval_pir_persona_tokens'))} vs other tokens "
+        f"{fmt(ev.get('eval_pir_other_tokens'))}"
+    )
     skipped = summary.get("records_skipped", {})
     if any(skipped.values()):
         print(f"records skipped as bad: {skipped}")

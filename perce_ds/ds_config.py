@@ -45,14 +45,16 @@ def resolve_ds_config(
     if ds["train_micro_batch_size_per_gpu"] != t.micro_batch_size or ds["gradient_accumulation_steps"] != t.grad_accum:
         raise ConfigError(
             "the DeepSpeed config fixes micro batch / accumulation values that differ from train.micro_batch_size="
-            f"{t.micro_batch_size} / train.grad_accum={t.grad_accum}: set them to \"auto\" in the JSON"
+            f'{t.micro_batch_size} / train.grad_accum={t.grad_accum}: set them to "auto" in the JSON'
         )
     for section, want in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
         if section in ds or want:
             ds.setdefault(section, {})
             _fill(ds[section], "enabled", want)
             if ds[section]["enabled"] != want:
-                raise ConfigError(f"DeepSpeed config {section}.enabled={ds[section]['enabled']} but model dtype is {dtype}")
+                raise ConfigError(
+                    f"DeepSpeed config {section}.enabled={ds[section]['enabled']} but model dtype is {dtype}"
+                )
 
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = opt.setdefault("params", {})
@@ -78,7 +80,7 @@ def resolve_ds_config(
                 zero[key]["pin_memory"] = False  # pinning needs a CUDA driver
     leftover = _find_auto(ds, "")
     if leftover:
-        raise ConfigError(f"DeepSpeed config still has \"auto\" at {leftover}: perce_ds does not know how to resolve it")
+        raise ConfigError(f'DeepSpeed config still has "auto" at {leftover}: perce_ds does not know how to resolve it')
     return ds
 
 

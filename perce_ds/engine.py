@@ -87,7 +87,9 @@ class Trainer:
             )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+        )
         self.run_dir = cfg.run_dir
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +172,10 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def micro_batches(self, step: int) -> list[MicroBatch]:
         pad = self.tokenizer.pad_token_id
-        return [collate([self.data.train[i] for i in idx], pad).to(self.device) for idx in self.order.window(step, self.rank)]
+        return [
+            collate([self.data.train[i] for i in idx], pad).to(self.device)
+            for idx in self.order.window(step, self.rank)
+        ]
 
     def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.device)
@@ -262,7 +267,9 @@ class Trainer:
             )
         return StepResult(step, {"refused": 1.0}, applied=False)
 
-    def _micro_stats(self, batch: MicroBatch, stats: TokenStats, weights: torch.Tensor, numerator: torch.Tensor) -> torch.Tensor:
+    def _micro_stats(
+        self, batch: MicroBatch, stats: TokenStats, weights: torch.Tensor, numerator: torch.Tensor
+    ) -> torch.Tensor:
         s = dict.fromkeys(STAT_KEYS, 0.0)
         s["wnll"] = float(numerator.detach())
         s["nll"] = float(-stats.logp_cond.sum())
@@ -345,7 +352,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- the run
     def save(self, step: int) -> Path:
-        state = {"step": step, "world_size": self.world, "total_steps": self.total_steps, "scheme": self.cfg.loss.scheme}
+        state = {
+            "step": step,
+            "world_size": self.world,
+            "total_steps": self.total_steps,
+            "scheme": self.cfg.loss.scheme,
+        }
         path = checkpoint.save_checkpoint(self.engine, self.ckpt_root, step, state, self.cfg.train.keep_last)
         log.info("checkpoint: %s", path)
         return path
@@ -378,7 +390,9 @@ class Trainer:
         if end > self.start_step or not checkpoint.complete_checkpoints(self.ckpt_root):
             self.save(end)
         if end < self.total_steps:
-            log.info("stopped after step %d of %d (train.stop_after); resume with --train.resume auto", end, self.total_steps)
+            log.info(
+                "stopped after step %d of %d (train.stop_after); resume with --train.resume auto", end, self.total_steps
+            )
             self.metrics.close()
             return self._summary(last) | {"stopped_at": end}
         evaluation = self.evaluate()

@@ -56,7 +56,9 @@ class MetricsLogger:
         """Drop rows past `step` (a resumed run logs those steps again)."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        rows = [
+            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+        ]
         self.path.write_text("".join(row + "\n" for row in rows))
 
     def close(self) -> None:

@@ -39,7 +39,9 @@ def run_deepspeed(script: Path, args: list[str], nproc: int, timeout: int = 300)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -48,7 +50,9 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
-def train(tmp: Path, recipe: dict[str, Any], nproc: int, ds_config: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
+def train(
+    tmp: Path, recipe: dict[str, Any], nproc: int, ds_config: Path, extra: list[str] = ()
+) -> subprocess.CompletedProcess:
     recipe_path = write_recipe(tmp / f"recipe-{recipe['train']['run_name']}.yaml", recipe)
     return run_deepspeed(TRAIN, ["--deepspeed", str(ds_config), "--recipe", str(recipe_path), *extra], nproc)
 

@@ -62,12 +62,28 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 def recipe(setup: dict[str, Path], run_name: str, **train_overrides) -> dict:
     return {
         "model": {"name_or_path": str(setup["model"]), "attn_implementation": "sdpa", "activation_checkpointing": True},
-        "data": {"train_files": [str(setup["train"])], "eval_files": [str(setup["eval"])], "max_length": 256,
-                 "max_profile_tokens": 160},  # fmt: skip
+        "data": {
+            "train_files": [str(setup["train"])],
+            "eval_files": [str(setup["eval"])],
+            "max_length": 256,
+            "max_profile_tokens": 160,
+        },  # fmt: skip
         "loss": {"scheme": "perce", "clip_min": 0.8, "clip_max": 5.0},
-        "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1, "lr": 1.0, "lr_scheduler": "constant",
-                  "warmup_ratio": 0.0, "max_grad_norm": 0.0, "weight_decay": 0.0, "output_dir": str(setup["root"] / "runs"),
-                  "run_name": run_name, "tensorboard": False, "dist_timeout_s": 120, **train_overrides},  # fmt: skip
+        "train": {
+            "max_steps": 1,
+            "micro_batch_size": 2,
+            "grad_accum": 1,
+            "lr": 1.0,
+            "lr_scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "max_grad_norm": 0.0,
+            "weight_decay": 0.0,
+            "output_dir": str(setup["root"] / "runs"),
+            "run_name": run_name,
+            "tensorboard": False,
+            "dist_timeout_s": 120,
+            **train_overrides,
+        },  # fmt: skip
     }
 
 
@@ -113,7 +129,9 @@ def test_resume_reproduces_straight_run_and_export_reproduces_engine_loss(setup)
     common = {"max_steps": 6, "lr": 3e-3, "lr_scheduler": "cosine", "max_grad_norm": 1.0, "weight_decay": 0.01}
     check(train(setup["root"], recipe(setup, "straight", **common), 2, setup["adam"]))
     proc = check(train(setup["root"], recipe(setup, "resumed", stop_after=3, **common), 2, setup["adam"]))
-    assert (runs / "resumed" / "checkpoints" / "step_3").is_dir() and not (runs / "resumed" / "hf").exists(), proc.stderr[-3000:]
+    assert (runs / "resumed" / "checkpoints" / "step_3").is_dir() and not (runs / "resumed" / "hf").exists(), (
+        proc.stderr[-3000:]
+    )
     proc = check(train(setup["root"], recipe(setup, "resumed", **common), 2, setup["adam"]))
     assert "resumed from" in proc.stderr
 

@@ -530,7 +530,7 @@ def test_prepare_tokenizer_sets_pad_to_eos_and_template():
     assert render_prompt(tok, "s", "hello").endswith("<|assistant|>\n")
 
 
-def test_prepare_tokenizer_keeps_existing_pad_and_template(sp_tokenizer):
+def test_prepare_tokenizer_keeps_existing_pad_and_template():
     tok = _wordlevel_tokenizer(eos_token="</s>", pad_token="<unk>")
     tok.chat_template = "{{ 'custom' }}"
     prepare_tokenizer(tok)

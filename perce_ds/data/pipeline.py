@@ -81,8 +81,14 @@ def setup_files(cfg: RunConfig, is_rank0: bool, barrier: Callable[[], None]) -> 
         if cfg.model.tokenizer is None and cfg.model.name_or_path is None and not tokenizer_dir(cfg).exists():
             train_files, _ = data_files(cfg)
             records, _ = load_many(train_files, on_bad_record="skip")
-            train_sentencepiece_tokenizer(_tokenizer_texts(cfg, records), tokenizer_dir(cfg), cfg.model.tokenizer_vocab_size)
-            log.info("trained a sentencepiece tokenizer (vocab %d) into %s", cfg.model.tokenizer_vocab_size, tokenizer_dir(cfg))
+            train_sentencepiece_tokenizer(
+                _tokenizer_texts(cfg, records), tokenizer_dir(cfg), cfg.model.tokenizer_vocab_size
+            )
+            log.info(
+                "trained a sentencepiece tokenizer (vocab %d) into %s",
+                cfg.model.tokenizer_vocab_size,
+                tokenizer_dir(cfg),
+            )
     barrier()
 
 

@@ -89,20 +89,28 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
             "raise data.max_length, shorten the record, or set data.on_bad_record=skip",
         )
     budget = min(settings.max_profile_tokens, settings.max_length - len(abl_ids) - len(response_ids))
-    # Estimate per-item cost from separately tokenised lines, then confirm on the real prompt.
+
+    def cond_prompt(kept: int) -> list[int]:
+        user_content = profile_block(record.profile[:kept]) + record.query
+        return _ids(tokenizer, render_prompt(tokenizer, settings.system_prompt, user_content))
+
+    def fits(ids: list[int]) -> bool:
+        return len(ids) - len(abl_ids) <= budget
+
+    # Start from an estimate built on separately tokenised lines (off by a token or so at item
+    # boundaries), then settle it on the real prompt in both directions.
     item_costs = [len(_ids(tokenizer, f"- {render_profile_item(it)}\n")) for it in record.profile]
-    overhead = len(_ids(tokenizer, PROFILE_HEADER + PROFILE_CONNECTOR))
-    kept, used = 0, overhead
+    kept, used = 0, len(_ids(tokenizer, PROFILE_HEADER + PROFILE_CONNECTOR))
     for cost in item_costs:
         if used + cost > budget:
             break
         kept, used = kept + 1, used + cost
-    while True:
-        user_content = profile_block(record.profile[:kept]) + record.query
-        cond_ids = _ids(tokenizer, render_prompt(tokenizer, settings.system_prompt, user_content))
-        if kept == 0 or len(cond_ids) - len(abl_ids) <= budget:
-            break
+    cond_ids = cond_prompt(kept)
+    while kept > 0 and not fits(cond_ids):
         kept -= 1
+        cond_ids = cond_prompt(kept)
+    while kept < len(record.profile) and fits(bigger := cond_prompt(kept + 1)):
+        kept, cond_ids = kept + 1, bigger
     return TokenizedExample(
         record_id=record.record_id,
         cond_prompt_ids=cond_ids,

@@ -62,7 +62,9 @@ def record_from_dict(raw: Any, source: str, where: str) -> PersonaRecord:
     if hasattr(profile, "tolist") and not isinstance(profile, list):  # numpy arrays from Parquet
         profile = profile.tolist()
     if not isinstance(profile, list):
-        raise RecordError(source, where, "profile", f"expected a list of objects, got {type(profile).__name__}", SKIP_HINT)
+        raise RecordError(
+            source, where, "profile", f"expected a list of objects, got {type(profile).__name__}", SKIP_HINT
+        )
     for i, item in enumerate(profile):
         if not isinstance(item, dict):
             raise RecordError(
@@ -74,7 +76,9 @@ def record_from_dict(raw: Any, source: str, where: str) -> PersonaRecord:
     spans = [list(s.tolist() if hasattr(s, "tolist") else s) for s in spans]
     for i, span in enumerate(spans):
         if len(span) != 2 or not 0 <= span[0] <= span[1] <= len(values["response"]):
-            raise RecordError(source, where, f"persona_spans[{i}]", f"{span} is not a [start, end) span of the response")
+            raise RecordError(
+                source, where, f"persona_spans[{i}]", f"{span} is not a [start, end) span of the response"
+            )
     record_id = raw.get("record_id")
     return PersonaRecord(
         profile=[dict(item) for item in profile],

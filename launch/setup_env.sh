@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv/ with everything perce-ds needs (idempotent).
+#   PERCE_TORCH   torch requirement to install first (default torch==2.13.0)
+#   PERCE_EXTRAS  extras of this package to install (default: test)
+# torch goes in first because deepspeed's source build imports it; asking for a pinned version
+# keeps pip from pulling a multi-GB CUDA build on CPU-only machines that carry a local CPU wheel.
+# On a CUDA cluster set PERCE_TORCH to the build matching your driver, and PERCE_EXTRAS=test,flash.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "${PERCE_TORCH:-torch==2.13.0}"
+.venv/bin/python -m pip install -q -e ".[${PERCE_EXTRAS:-test}]"
+.venv/bin/python -c "import torch, deepspeed, transformers, datasets; print('perce-ds env ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"

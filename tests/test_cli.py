@@ -1,0 +1,56 @@
+"""The README's main command, run as written (shortened by overrides), with 2 processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch_utils import ROOT, check, free_port, launch_env, read_jsonl
+
+
+def readme_main_command() -> list[str]:
+    """The deepspeed part of the README's first command line."""
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    first = block.strip().splitlines()[0]
+    launch = first.split("&&")[-1].strip()
+    argv = shlex.split(launch)
+    assert argv[0].endswith("deepspeed") and "launch/train.py" in argv, first
+    return argv
+
+
+def test_readme_starts_with_the_two_commands():
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    lines = block.strip().splitlines()
+    assert len(lines) == 2
+    assert "--deepspeed ds_configs/zero3.json" in lines[0]
+    assert "pytest" in lines[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "setup_env.sh" in ci and "pytest" in ci
+
+
+@pytest.mark.slow
+def test_readme_main_command_runs_demo(tmp_path):
+    argv = readme_main_command()
+    # The launcher inside .venv is this interpreter's deepspeed runner.
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()), *argv[1:],
+           "--train.max_steps", "4", "--train.output_dir", str(tmp_path), "--train.save_every", "2"]  # fmt: skip
+    proc = check(subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600))
+    run = tmp_path / "demo"
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "ce", "pir_mean", "personal_ratio", "weight_mean", "tokens_per_s", "step_time_s"):
+        assert all(isinstance(r[key], float) and math.isfinite(r[key]) for r in rows), key
+    assert all(r["weight_mean"] >= 0.8 - 1e-6 for r in rows)  # PerCE weights never fall below clip_min
+    assert (run / "hf" / "model.safetensors").is_file() and (run / "hf" / "tokenizer.json").is_file()
+    entries = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert entries == ["step_2", "step_4"]  # keep_last=2, no .tmp- debris
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert f"run directory: {run}" in proc.stdout
+    assert "mean PIR on persona tokens" in proc.stdout
