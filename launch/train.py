@@ -9,6 +9,7 @@ Any config key can be overridden as `--section.key value` or `--section.key=valu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,17 +24,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "zero3.json"), help="DeepSpeed JSON config")
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo.yaml"), help="YAML recipe")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
+    parser.add_argument("--dry-run", action="store_true", help="size the job (batch, steps, tokens, memory) and exit")
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "8")), help="for --dry-run")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="for --dry-run")
     args, rest = parser.parse_known_args(argv)
 
     from perce_ds.config import RunConfig
+
+    if args.dry_run:
+        import json
+
+        from perce_ds.dryrun import dry_run, format_report
+
+        report = dry_run(
+            RunConfig.load(args.recipe, parse_overrides(rest)), args.deepspeed, args.world_size, args.gpus_per_node
+        )
+        print(format_report(report))
+        print(json.dumps(report))
+        return 0
     from perce_ds.engine import Trainer
+    from perce_ds.preemption import REQUEUE_EXIT_CODE
 
     cfg = RunConfig.load(args.recipe, parse_overrides(rest))
     trainer = Trainer(cfg, args.deepspeed)
     summary = trainer.train()
     if trainer.is_rank0:
         print_summary(summary)
-    return 0
+    return REQUEUE_EXIT_CODE if summary.get("requeue") else 0
 
 
 if __name__ == "__main__":

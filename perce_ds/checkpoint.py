@@ -78,12 +78,35 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, An
     return final
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The perce_state.json of a checkpoint directory (step, world size, universal flag)."""
+    return json.loads((path / "perce_state.json").read_text())
+
+
 def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler; return the perce state saved with it."""
-    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    load_path, _client = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    return client["perce"]
+    return read_state(path)
+
+
+def convert_to_universal(path: Path, out: Path) -> Path:
+    """DeepSpeed's universal checkpoint of `path` (loadable on any number of ranks), written atomically."""
+    import subprocess
+    import sys
+
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    state = read_state(path) | {"universal": True, "converted_from": str(path)}
+    (tmp / "perce_state.json").write_text(json.dumps(state, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:

@@ -41,14 +41,64 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class LongLaMPSourceConfig:
+    dataset: str = "LongLaMP/LongLaMP"  # hub name, or a local folder in the same layout (parquet/json/arrow)
+    config: str = "product_review_user"  # abstract_generation_*, product_review_*, topic_writing_*, email_generation_*
+    train_split: str = "train"
+    eval_split: str = "val"  # LongLaMP calls it "val"; "" = no eval split
+
+
+@dataclass
+class LaMPSourceConfig:
+    path: str = ""  # folder with {split}_questions.json / {split}_outputs.json (flat or in {split}/ subfolders)
+    task: Literal["LaMP_4", "LaMP_5", "LaMP_7"] = "LaMP_4"
+    train_split: str = "train"
+    eval_split: str = "dev"  # "" = no eval split
+
+
+@dataclass
+class RetrievalConfig:
+    method: Literal["bm25", "contriever", "recency", "random", "all"] = "bm25"
+    top_k: int = 4  # profile items kept per record (fewer when the profile is smaller)
+    contriever_path: str = ""  # local folder (or hub id) of a mean-pooled encoder; needed for method=contriever
+    batch_size: int = 32  # texts per encoder forward (contriever)
+    seed: int = 0  # for method=random
+
+
+@dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # JSONL / Parquet / HF dataset dirs
     eval_files: list[str] = field(default_factory=list)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     system_prompt: str = "You are a helpful assistant who writes in the user's own voice."
     max_length: int = 1024  # conditioned prompt + response, in tokens
-    max_profile_tokens: int = 512  # budget for the profile block; whole items are dropped to fit
+    max_profile_tokens: int = 512  # budget for the profile block (files: whole items dropped; tasks: per item)
     on_bad_record: Literal["error", "skip"] = "error"
+    # files: PersonaRecord files above (profiles used as given); longlamp / lamp: the sections below,
+    # with retrieval, per-task prompts and a tokenised cache.
+    source: Literal["files", "longlamp", "lamp"] = "files"
+    longlamp: LongLaMPSourceConfig = field(default_factory=LongLaMPSourceConfig)
+    lamp: LaMPSourceConfig = field(default_factory=LaMPSourceConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    max_train_records: int = 0  # keep a seeded sample of this many training records; 0 = all
+    max_eval_records: int = 0  # the same for the eval split
+    subset_seed: int = 0  # which records max_*_records keeps
+    max_response_tokens: int = 0  # responses longer than this are cut (and counted); 0 = never cut
+    cache_dir: str = ""  # tokenised cache; "" = <train.output_dir>/.data_cache (shared by runs)
+
+    def __post_init__(self) -> None:
+        # Checks local to this section; RunConfig.validate does the cross-section ones.
+        for key in ("max_train_records", "max_eval_records", "max_response_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        if self.retrieval.top_k < 1 or self.retrieval.batch_size < 1:
+            raise ConfigError("data.retrieval.top_k and data.retrieval.batch_size must be >= 1")
+        if self.source != "files" and self.retrieval.method == "contriever" and not self.retrieval.contriever_path:
+            raise ConfigError("data.retrieval.method=contriever needs data.retrieval.contriever_path")
+        if self.source == "lamp" and not self.lamp.path:
+            raise ConfigError("data.source=lamp needs data.lamp.path (the folder with the question/output JSON files)")
+        if self.max_response_tokens == 1:
+            raise ConfigError("data.max_response_tokens=1 leaves no room for a response; use 0 (no cap) or >= 2")
 
 
 @dataclass
@@ -59,6 +109,7 @@ class LossConfig:
     allow_nonpositive_clip_min: bool = False  # a weight <= 0 would unlearn tokens: opt in explicitly
     track_pir: bool = True  # run the ablated pass for metrics even when the scheme does not need it
     logprob_chunk_size: int = 1024  # rows of [tokens, vocab] logits materialised at once
+    weights_from: str | None = None  # offline EM: a launch/estimate.py output dir; no ablated pass in training
 
 
 @dataclass
@@ -81,6 +132,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | none | path to a checkpoint directory
     stop_after: int = 0  # end this invocation (with a checkpoint) after N steps; the schedule still spans max_steps
+    max_wall_time: float = 0.0  # seconds; like a SIGUSR1 when reached (checkpoint, exit for requeue); 0 = off
     log_every: int = 1
     max_nonfinite_steps: int = 3  # consecutive refused steps before the run stops
     export_hf: bool = True
@@ -141,7 +193,7 @@ class RunConfig:
             raise ConfigError("set exactly one of model.name_or_path (pretrained) and model.config (from scratch)")
         if self.model.config is not None and "model_type" not in self.model.config:
             raise ConfigError("model.config needs a 'model_type' (e.g. qwen3, llama)")
-        if not self.data.synthetic.enabled and not self.data.train_files:
+        if self.data.source == "files" and not self.data.synthetic.enabled and not self.data.train_files:
             raise ConfigError("data.train_files is empty and data.synthetic.enabled is false: no training data")
         for key in ("micro_batch_size", "grad_accum", "epochs", "keep_last", "log_every", "dist_timeout_s"):
             if getattr(self.train, key) < 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,15 +24,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from perce_ds import checkpoint
+from perce_ds import checkpoint, estep
 from perce_ds.config import RunConfig
 from perce_ds.data.collate import MicroBatch, collate
-from perce_ds.data.order import DataOrder
+from perce_ds.data.order import DataOrder, shard_batches
 from perce_ds.data.pipeline import PreparedData, prepare_data
+from perce_ds.distributed import apply_slurm_env
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
+from perce_ds.estep import OfflineWeights
 from perce_ds.logging_utils import MetricsLogger, setup_logging
 from perce_ds.loss import TokenStats, get_scheme, token_weights, weighted_nll_sum
 from perce_ds.model import PerceLM, build_causal_lm, resolve_attn_implementation, resolve_dtype
+from perce_ds.preemption import StopRequest
 
 log = logging.getLogger("perce_ds")
 
@@ -76,10 +80,14 @@ class StepResult:
 class Trainer:
     """Set up data, model and engine for a RunConfig; `train()` runs it to the end."""
 
-    def __init__(self, cfg: RunConfig, ds_config_path: str | Path):
+    def __init__(self, cfg: RunConfig, ds_config_path: str | Path, inference_only: bool = False):
         import deepspeed
 
         self.cfg = cfg
+        self.inference_only = inference_only  # E-step jobs: no optimizer states, no checkpoints
+        apply_slurm_env()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             deepspeed.init_distributed(
                 dist_backend="nccl" if torch.cuda.is_available() else "gloo",
@@ -104,7 +112,12 @@ class Trainer:
         )
         self.total_steps = cfg.train.max_steps or self.order.steps_per_epoch * cfg.train.epochs
         self.scheme = get_scheme(cfg.loss.scheme)
-        self.run_ablated = self.scheme.needs_ablated or cfg.loss.track_pir
+        self.offline: OfflineWeights | None = None
+        if cfg.loss.weights_from and not inference_only:
+            expected = estep.fingerprint(cfg, self.data.train, self.tokenizer)
+            self.offline = OfflineWeights(cfg.loss.weights_from, expected)
+            log.info("offline EM: weights from %s (fingerprint %s)", cfg.loss.weights_from, expected)
+        self.run_ablated = self.offline is None and (self.scheme.needs_ablated or cfg.loss.track_pir)
 
         self.dtype = resolve_dtype(cfg.model.dtype)
         self.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation)
@@ -116,8 +129,9 @@ class Trainer:
         self.start_step = 0
         self.nonfinite_in_a_row = 0
         self.refused_steps = 0
-        self._write_run_files()
-        self._maybe_resume()
+        if not inference_only:
+            self._write_run_files()
+            self._maybe_resume()
 
     # ---------------------------------------------------------------- setup
     def _build_engine(self, ds_config_path: str | Path) -> tuple[Any, PerceLM]:
@@ -127,11 +141,19 @@ class Trainer:
 
         hidden = self._hidden_size(AutoConfig)
         self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), self.cfg, self.world, hidden, self.dtype)
+        self.resume_from = None if self.inference_only else self._resume_checkpoint()
+        if self.resume_from is not None and checkpoint.read_state(self.resume_from).get("universal"):
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         # Must stay referenced for the whole run: transformers consults it for zero.Init at build
         # time and for synced_gpus in generate().
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
         lm = build_causal_lm(self.cfg.model, self.tokenizer, self.dtype, self.attn_implementation)
         module = PerceLM(lm, self.cfg.loss.logprob_chunk_size)
+        if self.inference_only:
+            self.ds_config.pop("optimizer", None)
+            engine, _, _, _ = deepspeed.initialize(model=module, config=self.ds_config)
+            engine.eval()
+            return engine, module
         module.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
         engine, _, _, _ = deepspeed.initialize(
             model=module,
@@ -160,8 +182,22 @@ class Trainer:
             self.order.steps_per_epoch, self.order.dropped_per_epoch,
         )  # fmt: skip
 
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from; one written by another world size must be universal."""
+        path = checkpoint.find_resume_checkpoint(self.run_dir / "checkpoints", self.cfg.train.resume)
+        if path is None:
+            return None
+        state = checkpoint.read_state(path)
+        if state.get("world_size", self.world) != self.world and not state.get("universal"):
+            raise RuntimeError(
+                f"{path} was written by {state['world_size']} ranks and this run has {self.world}. Convert it once "
+                f"with `python launch/convert_checkpoint.py {path}` and resume from the universal copy "
+                "(--train.resume <run>/checkpoints_universal/step_N)"
+            )
+        return path
+
     def _maybe_resume(self) -> None:
-        path = checkpoint.find_resume_checkpoint(self.ckpt_root, self.cfg.train.resume)
+        path = self.resume_from
         if path is None:
             return
         state = checkpoint.load_checkpoint(self.engine, path)
@@ -216,7 +252,11 @@ class Trainer:
                 self._skip_micro_step()
                 continue
             logp_cond, stats = self.token_stats(batch, step, micro)
-            weights = token_weights(stats, self.cfg.loss)
+            if self.offline is not None:
+                weights, pir = self.offline.for_batch(batch)
+            else:
+                weights = token_weights(stats, self.cfg.loss)
+                pir = stats.pir if stats.logp_abl is not None else None
             numerator = weighted_nll_sum(logp_cond, weights)
             finite = self._all_reduce(torch.tensor([float(torch.isfinite(numerator).item())]))
             if finite.item() < self.world:
@@ -228,7 +268,7 @@ class Trainer:
             loss = numerator * (self.world / max(n_global, 1))
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()
-            sums += self._micro_stats(batch, stats, weights, numerator)
+            sums += self._micro_stats(batch, stats, weights, numerator, pir)
         sums = self._all_reduce(sums)
         if refused:
             return self._refuse(step)
@@ -268,7 +308,12 @@ class Trainer:
         return StepResult(step, {"refused": 1.0}, applied=False)
 
     def _micro_stats(
-        self, batch: MicroBatch, stats: TokenStats, weights: torch.Tensor, numerator: torch.Tensor
+        self,
+        batch: MicroBatch,
+        stats: TokenStats,
+        weights: torch.Tensor,
+        numerator: torch.Tensor,
+        pir: torch.Tensor | None,
     ) -> torch.Tensor:
         s = dict.fromkeys(STAT_KEYS, 0.0)
         s["wnll"] = float(numerator.detach())
@@ -276,8 +321,7 @@ class Trainer:
         s["tokens"] = float(batch.n_response_tokens)
         s["input_tokens"] = float(batch.conditioned.n_tokens)
         s["weight"] = float(weights.sum())
-        if stats.logp_abl is not None:
-            pir = stats.pir
+        if pir is not None:
             persona = batch.persona_mask[batch.response_mask]
             s["pir"], s["pir_tokens"] = float(pir.sum()), float(pir.numel())
             s["personal"] = float((pir > self.cfg.loss.clip_min).sum())
@@ -319,14 +363,8 @@ class Trainer:
             return {}
         self.engine.eval()
         self.module.set_activation_checkpointing(False)
-        mb = self.cfg.train.micro_batch_size
-        per_rank = math.ceil(len(examples) / self.world)
-        shard = list(range(self.rank, len(examples), self.world))
-        counted = [True] * len(shard) + [False] * (per_rank - len(shard))
-        shard += [0] * (per_rank - len(shard))
         sums = torch.zeros(6, dtype=torch.float64)
-        for start in range(0, per_rank, mb):
-            idx, keep = shard[start : start + mb], counted[start : start + mb]
+        for idx, keep in shard_batches(len(examples), self.rank, self.world, self.cfg.train.micro_batch_size):
             batch = collate([examples[i] for i in idx], self.tokenizer.pad_token_id)
             batch.response_mask &= torch.tensor(keep)[:, None]
             batch = batch.to(self.device)
@@ -363,38 +401,44 @@ class Trainer:
         return path
 
     def train(self) -> dict[str, Any]:
-        """Run from start_step to total_steps; checkpoint, export, and return a summary."""
+        """Run from start_step to total_steps; checkpoint, evaluate, export, and return a summary.
+
+        Ends early (with a checkpoint, summary["stopped"] set) on train.stop_after, on SIGUSR1/SIGTERM
+        or when train.max_wall_time is spent; the latter two ask the launcher to requeue the job.
+        """
         from tqdm import tqdm
 
         self.engine.train()
-        last: dict[str, float | None] = {}
-        progress = tqdm(
-            range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps,
-            disable=not self.is_rank0, desc="train", dynamic_ncols=True,
-        )  # fmt: skip
+        stop = StopRequest(self.cfg.train.max_wall_time)
         end = self.total_steps
         if self.cfg.train.stop_after:
             end = min(end, self.start_step + self.cfg.train.stop_after)
-        for step in progress:
-            if step >= end:
-                break
-            result = self.train_step(step)
-            if result.applied:
-                last = result.metrics
-                self.metrics.log(step + 1, result.metrics, every=self.cfg.train.log_every)
-                progress.set_postfix(loss=f"{last['loss']:.4f}" if last.get("loss") is not None else "n/a")
-            save_every = self.cfg.train.save_every
-            if save_every and (step + 1) % save_every == 0 and step + 1 < end:
-                self.save(step + 1)
-        progress.close()
-        if end > self.start_step or not checkpoint.complete_checkpoints(self.ckpt_root):
-            self.save(end)
-        if end < self.total_steps:
-            log.info(
-                "stopped after step %d of %d (train.stop_after); resume with --train.resume auto", end, self.total_steps
+        last: dict[str, float | None] = {}
+        step = self.start_step
+        with tqdm(
+            total=self.total_steps, initial=step, disable=not self.is_rank0, desc="train", dynamic_ncols=True
+        ) as bar:
+            while step < end:
+                result = self.train_step(step)
+                step += 1
+                bar.update(1)
+                if result.applied:
+                    last = result.metrics
+                    self.metrics.log(step, result.metrics, every=self.cfg.train.log_every)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}" if last.get("loss") is not None else "n/a")
+                if self._any_rank(stop.requested()):
+                    break
+                if self.cfg.train.save_every and step % self.cfg.train.save_every == 0 and step < end:
+                    self.save(step)
+        if step > self.start_step or not checkpoint.complete_checkpoints(self.ckpt_root):
+            self.save(step)
+        if step < self.total_steps:
+            reason = stop.reason or "train.stop_after"
+            log.warning(
+                "stopped at step %d of %d (%s); resume with --train.resume auto", step, self.total_steps, reason
             )
             self.metrics.close()
-            return self._summary(last) | {"stopped_at": end}
+            return self._summary(last) | {"stopped": reason, "stopped_at": step, "requeue": stop.reason is not None}
         evaluation = self.evaluate()
         if evaluation:
             log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items() if v is not None))
@@ -406,6 +450,10 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
         return summary
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when any rank's flag is set (so all ranks leave the loop together)."""
+        return bool(self._all_reduce(torch.tensor([float(flag)])).item() > 0)
 
     def _summary(self, last: dict[str, float | None]) -> dict[str, Any]:
         return {

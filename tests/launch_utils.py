@@ -85,3 +85,102 @@ def reference_perce_loss(model: torch.nn.Module, examples: list[Any], clip_min: 
         total = total - (w * logp_cond).sum()
         n += len(ex.response_ids)
     return total / n
+
+
+def build_tiny_setup(root: Path) -> dict[str, Path]:
+    """Synthetic data files, a trained tokenizer, a saved random tiny model, an SGD ZeRO-3 config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from perce_ds.data.synthetic import generate_records, write_jsonl
+    from perce_ds.data.tokenizer import train_sentencepiece_tokenizer
+
+    train_records, eval_records = generate_records(8, 4, 0, "train"), generate_records(8, 1, 0, "eval")
+    write_jsonl(train_records, root / "train.jsonl")
+    write_jsonl(eval_records, root / "eval.jsonl")
+    texts = [t for r in train_records for t in (r.query, r.response, *(i["text"] for i in r.profile))]
+    tok = train_sentencepiece_tokenizer(texts, root / "init_model", vocab_size=400)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "qwen3", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(root / "init_model")
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto"}}  # SGD: updates are gradients, easy to compare
+    ds["zero_allow_untested_optimizer"] = True
+    (root / "zero3_sgd.json").write_text(json.dumps(ds))
+    return {"root": root, "train": root / "train.jsonl", "eval": root / "eval.jsonl", "model": root / "init_model",
+            "sgd": root / "zero3_sgd.json", "adam": ROOT / "ds_configs" / "zero3.json"}  # fmt: skip
+
+
+def recipe(setup: dict[str, Path], run_name: str, **train_overrides) -> dict:
+    return {
+        "model": {"name_or_path": str(setup["model"]), "attn_implementation": "sdpa", "activation_checkpointing": True},
+        "data": {
+            "train_files": [str(setup["train"])],
+            "eval_files": [str(setup["eval"])],
+            "max_length": 256,
+            "max_profile_tokens": 160,
+        },  # fmt: skip
+        "loss": {"scheme": "perce", "clip_min": 0.8, "clip_max": 5.0},
+        "train": {
+            "max_steps": 1,
+            "micro_batch_size": 2,
+            "grad_accum": 1,
+            "lr": 1.0,
+            "lr_scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "max_grad_norm": 0.0,
+            "weight_decay": 0.0,
+            "output_dir": str(setup["root"] / "runs"),
+            "run_name": run_name,
+            "tensorboard": False,
+            "dist_timeout_s": 120,
+            **train_overrides,
+        },  # fmt: skip
+    }
+
+
+EVALUATE = ROOT / "launch" / "evaluate.py"
+TINY_QWEN3 = {
+    "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024,
+    "tie_word_embeddings": False,  # a random tied model just repeats its last token
+}  # fmt: skip
+
+
+def make_eval_run(run_dir: Path, users: int = 4, eval_per_user: int = 2, seed: int = 0) -> Path:
+    """A run directory as training leaves it (config.yaml, data/, tokenizer/, hf/, metrics.jsonl) holding a
+    random tiny Qwen3, so evaluation can be tested without training."""
+    from perce_ds.config import RunConfig
+    from perce_ds.data.pipeline import setup_files
+    from perce_ds.data.tokenizer import load_tokenizer
+    from perce_ds.model import build_causal_lm
+
+    recipe = {
+        "model": {"config": dict(TINY_QWEN3), "tokenizer_vocab_size": 400, "attn_implementation": "sdpa"},
+        "data": {"synthetic": {"enabled": True, "users": users, "train_per_user": 2, "eval_per_user": eval_per_user,
+                               "seed": seed}, "max_length": 384, "max_profile_tokens": 256},
+        "train": {"output_dir": str(run_dir.parent), "run_name": run_dir.name, "seed": seed},
+    }  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig.load(write_recipe(run_dir.parent / f"{run_dir.name}.yaml", recipe))
+    cfg.dump(run_dir / "config.yaml")
+    setup_files(cfg, True, lambda: None)
+    tok = load_tokenizer(run_dir / "tokenizer")
+    torch.manual_seed(seed)
+    lm = build_causal_lm(cfg.model, tok, torch.float32, "sdpa")
+    lm.save_pretrained(run_dir / "hf")
+    tok.save_pretrained(run_dir / "hf")
+    rows = [
+        {"step": s, "loss": 5.0 / s, "ce": 6.0 / s, "pir_mean": 0.1 * s, "personal_ratio": 0.05 * s} for s in (1, 2, 3)
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def run_python(script: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python script args` in one plain process (no launcher)."""
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=launch_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip

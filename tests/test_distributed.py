@@ -16,13 +16,14 @@ import torch
 from perce_ds.config import RunConfig
 from perce_ds.data.order import DataOrder
 from perce_ds.data.pipeline import tokenize_split
-from perce_ds.data.synthetic import generate_records, write_jsonl
-from perce_ds.data.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
+from perce_ds.data.tokenizer import load_tokenizer
 from tests.launch_utils import (
     ROOT,
+    build_tiny_setup,
     check,
     load_safetensors,
     read_jsonl,
+    recipe,
     reference_logprobs,
     reference_perce_loss,
     run_deepspeed,
@@ -35,56 +36,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
-    """Synthetic data files, a trained tokenizer, a saved random tiny model, an SGD ZeRO-3 config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("dist")
-    train_records, eval_records = generate_records(8, 4, 0, "train"), generate_records(8, 1, 0, "eval")
-    write_jsonl(train_records, root / "train.jsonl")
-    write_jsonl(eval_records, root / "eval.jsonl")
-    texts = [t for r in train_records for t in (r.query, r.response, *(i["text"] for i in r.profile))]
-    tok = train_sentencepiece_tokenizer(texts, root / "init_model", vocab_size=400)
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "qwen3", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(root / "init_model")
-    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto"}}  # SGD: updates are gradients, easy to compare
-    ds["zero_allow_untested_optimizer"] = True
-    (root / "zero3_sgd.json").write_text(json.dumps(ds))
-    return {"root": root, "train": root / "train.jsonl", "eval": root / "eval.jsonl", "model": root / "init_model",
-            "sgd": root / "zero3_sgd.json", "adam": ROOT / "ds_configs" / "zero3.json"}  # fmt: skip
-
-
-def recipe(setup: dict[str, Path], run_name: str, **train_overrides) -> dict:
-    return {
-        "model": {"name_or_path": str(setup["model"]), "attn_implementation": "sdpa", "activation_checkpointing": True},
-        "data": {
-            "train_files": [str(setup["train"])],
-            "eval_files": [str(setup["eval"])],
-            "max_length": 256,
-            "max_profile_tokens": 160,
-        },  # fmt: skip
-        "loss": {"scheme": "perce", "clip_min": 0.8, "clip_max": 5.0},
-        "train": {
-            "max_steps": 1,
-            "micro_batch_size": 2,
-            "grad_accum": 1,
-            "lr": 1.0,
-            "lr_scheduler": "constant",
-            "warmup_ratio": 0.0,
-            "max_grad_norm": 0.0,
-            "weight_decay": 0.0,
-            "output_dir": str(setup["root"] / "runs"),
-            "run_name": run_name,
-            "tensorboard": False,
-            "dist_timeout_s": 120,
-            **train_overrides,
-        },  # fmt: skip
-    }
+    return build_tiny_setup(tmp_path_factory.mktemp("dist"))
 
 
 def test_one_zero3_step_equals_plain_pytorch(setup):

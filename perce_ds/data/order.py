@@ -53,3 +53,16 @@ class DataOrder:
             start = (m * self.world_size + rank) * self.micro_batch_size
             micro.append(batch[start : start + self.micro_batch_size].tolist())
         return micro
+
+
+def shard_batches(n_items: int, rank: int, world_size: int, batch_size: int) -> list[tuple[list[int], list[bool]]]:
+    """Micro-batches of this rank's strided shard of range(n_items), for no-grad passes over a split.
+
+    Shards are padded to the same length with item 0 (flag False: score but do not count), so every
+    rank runs the same number of forwards: ZeRO-3 forwards are collectives.
+    """
+    per_rank = -(-n_items // world_size)
+    shard = list(range(rank, n_items, world_size))
+    counted = [True] * len(shard) + [False] * (per_rank - len(shard))
+    shard += [0] * (per_rank - len(shard))
+    return [(shard[s : s + batch_size], counted[s : s + batch_size]) for s in range(0, per_rank, batch_size)]

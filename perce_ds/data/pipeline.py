@@ -2,10 +2,16 @@
 
 Files that must exist once per run (the synthetic data, a tokenizer trained on the fly) are
 written by rank 0 while the others wait at a barrier, then everyone reads the same files.
+
+data.source = files: PersonaRecord files tokenised in memory with their profiles as given.
+data.source = longlamp | lamp: rows loaded through the task adapters, profiles retrieved (top-k),
+per-task prompts built and tokenised into a fingerprinted Arrow cache (perce_ds/data/cache.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +22,7 @@ from perce_ds.config import RunConfig
 from perce_ds.data import synthetic
 from perce_ds.data.prompts import PROFILE_CONNECTOR, PROFILE_HEADER, PromptSettings, TokenizedExample, tokenize_record
 from perce_ds.data.records import PersonaRecord, RecordError
-from perce_ds.data.sources import load_many
+from perce_ds.data.sources import LoadReport, load_many
 from perce_ds.data.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
 
 log = logging.getLogger("perce_ds")
@@ -28,6 +34,21 @@ class SplitReport:
     records_read: int = 0
     skipped: list[str] = field(default_factory=list)  # messages of records dropped (on_bad_record=skip)
     profile_items_dropped: int = 0  # whole items cut to fit the token budgets
+    profile_items_trimmed: int = 0  # kept items whose tail was cut
+    profile_tokens_trimmed: int = 0  # item tokens left out by the budget
+    responses_capped: int = 0  # responses cut to data.max_response_tokens
+    empty_profiles: int = 0  # records with no profile item (both prompts coincide, PIR = 0)
+    cache_file: str = ""  # the tokenised cache (longlamp / lamp sources)
+    cache_built: bool = False  # built by this run (False: reused)
+    users: set[str] = field(default_factory=set)  # user ids of the kept examples
+    profile_sizes: list[int] = field(default_factory=list)  # per kept example, items before retrieval
+
+    def count(self, example: TokenizedExample) -> None:
+        """Add one kept example's budget outcomes to the totals."""
+        self.profile_items_dropped += example.profile_items_dropped
+        self.profile_items_trimmed += example.profile_items_trimmed
+        self.profile_tokens_trimmed += example.profile_tokens_trimmed
+        self.responses_capped += int(example.response_capped)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -35,6 +56,13 @@ class SplitReport:
             "records_read": self.records_read,
             "records_skipped": len(self.skipped),
             "profile_items_dropped": self.profile_items_dropped,
+            "profile_items_trimmed": self.profile_items_trimmed,
+            "profile_tokens_trimmed": self.profile_tokens_trimmed,
+            "responses_capped": self.responses_capped,
+            "empty_profiles": self.empty_profiles,
+            "cache_file": self.cache_file,
+            "cache_built": self.cache_built,
+            "users": len(self.users),
         }
 
 
@@ -73,14 +101,42 @@ def tokenizer_dir(cfg: RunConfig) -> Path:
     return cfg.run_dir / "tokenizer"
 
 
+def load_task_split(cfg: RunConfig, role: str) -> tuple[list[PersonaRecord], LoadReport | None]:
+    """Records of the train or eval split of a longlamp / lamp source (([], None) when the split is unset)."""
+    d = cfg.data
+    section = d.longlamp if d.source == "longlamp" else d.lamp
+    split = section.train_split if role == "train" else section.eval_split
+    if not split:
+        return [], None
+    max_records = d.max_train_records if role == "train" else d.max_eval_records
+    hf_cache = str(cache_root(cfg) / "hf")
+    if d.source == "longlamp":
+        from perce_ds.data.longlamp import load_longlamp
+
+        return load_longlamp(
+            section.dataset, section.config, split, d.on_bad_record, max_records, d.subset_seed, hf_cache
+        )
+    from perce_ds.data.lamp import load_lamp
+
+    return load_lamp(section.path, section.task, split, d.on_bad_record, max_records, d.subset_seed, hf_cache)
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    """Where tokenised caches live: data.cache_dir, else shared by all runs under train.output_dir."""
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.train.output_dir) / ".data_cache"
+
+
 def setup_files(cfg: RunConfig, is_rank0: bool, barrier: Callable[[], None]) -> None:
     """Rank 0 writes the run's generated inputs; every rank returns once they exist."""
     if is_rank0:
         if cfg.data.synthetic.enabled:
             materialise_synthetic(cfg)
         if cfg.model.tokenizer is None and cfg.model.name_or_path is None and not tokenizer_dir(cfg).exists():
-            train_files, _ = data_files(cfg)
-            records, _ = load_many(train_files, on_bad_record="skip")
+            if cfg.data.source == "files":
+                train_files, _ = data_files(cfg)
+                records, _ = load_many(train_files, on_bad_record="skip")
+            else:
+                records, _ = load_task_split(cfg, "train")
             train_sentencepiece_tokenizer(
                 _tokenizer_texts(cfg, records), tokenizer_dir(cfg), cfg.model.tokenizer_vocab_size
             )
@@ -97,6 +153,11 @@ def resolve_tokenizer(cfg: RunConfig) -> Any:
     return load_tokenizer(path)
 
 
+def prompt_settings(cfg: RunConfig) -> PromptSettings:
+    d = cfg.data
+    return PromptSettings(d.system_prompt, d.max_length, d.max_profile_tokens, d.max_response_tokens)
+
+
 def tokenize_split(files: list[str], tokenizer: Any, cfg: RunConfig) -> tuple[list[TokenizedExample], SplitReport]:
     """Load, validate and tokenise every record of a split, honouring data.on_bad_record."""
     report = SplitReport(files=files)
@@ -105,7 +166,7 @@ def tokenize_split(files: list[str], tokenizer: Any, cfg: RunConfig) -> tuple[li
     records, load_reports = load_many(files, on_bad_record=cfg.data.on_bad_record)
     report.records_read = sum(r.read for r in load_reports)
     report.skipped = [m for r in load_reports for m in r.skipped]
-    settings = PromptSettings(cfg.data.system_prompt, cfg.data.max_length, cfg.data.max_profile_tokens)
+    settings = prompt_settings(cfg)
     source = ", ".join(files)
     examples = []
     for record in records:
@@ -116,7 +177,10 @@ def tokenize_split(files: list[str], tokenizer: Any, cfg: RunConfig) -> tuple[li
                 raise
             report.skipped.append(str(e))
             continue
-        report.profile_items_dropped += example.profile_items_dropped
+        report.count(example)
+        report.empty_profiles += not record.profile
+        report.users.add(record.user_id)
+        report.profile_sizes.append(len(record.profile))
         examples.append(example)
     if report.skipped:
         log.warning("%s: skipped %d bad records, e.g. %s", source, len(report.skipped), report.skipped[0])
@@ -124,11 +188,132 @@ def tokenize_split(files: list[str], tokenizer: Any, cfg: RunConfig) -> tuple[li
 
 
 def prepare_data(cfg: RunConfig, is_rank0: bool, barrier: Callable[[], None]) -> PreparedData:
+    """Tokenised train/eval examples and their reports, identical on every rank; rank 0 does one-off work
+    (synthetic files, tokenizer training, the tokenised cache) while the others wait at a barrier."""
     setup_files(cfg, is_rank0, barrier)
     tokenizer = resolve_tokenizer(cfg)
-    train_files, eval_files = data_files(cfg)
-    train, train_report = tokenize_split(train_files, tokenizer, cfg)
-    eval_examples, eval_report = tokenize_split(eval_files, tokenizer, cfg)
+    if cfg.data.source == "files":
+        train_files, eval_files = data_files(cfg)
+        train, train_report = tokenize_split(train_files, tokenizer, cfg)
+        eval_examples, eval_report = tokenize_split(eval_files, tokenizer, cfg)
+        where = train_files
+    else:
+        (train, train_report), (eval_examples, eval_report) = build_task_splits(cfg, tokenizer, is_rank0, barrier)
+        where = train_report.files
     if not train:
-        raise ValueError(f"no usable training records in {train_files}")
+        raise ValueError(f"no usable training records in {where}")
     return PreparedData(tokenizer, train, eval_examples, {"train": train_report, "eval": eval_report})
+
+
+# ----------------------------------------------------------------------------------------- longlamp / lamp
+
+
+class SplitProcessor:
+    """records -> cache columns: retrieve top-k profile items per record, then build and tokenise both prompts.
+
+    A record that cannot be tokenised (too long even without a profile) becomes a row with an `error`
+    (the RecordError's parts as JSON), so the decision to raise or skip is taken after loading, identically
+    on every rank, and a cache can be shared by runs that differ only in data.on_bad_record.
+    """
+
+    def __init__(self, cfg: RunConfig, tokenizer: Any, source: str):
+        from perce_ds.data.retrieval import Retriever
+
+        r = cfg.data.retrieval
+        self.retriever = Retriever(r.method, r.top_k, r.seed, r.contriever_path, r.batch_size)
+        self.tokenizer, self.settings, self.source = tokenizer, prompt_settings(cfg), source
+        self.calls = 0  # records tokenised by this processor (the cache test counts them)
+
+    def __call__(self, records: list[PersonaRecord]) -> dict[str, list[Any]]:
+        from perce_ds.data.longlamp import TASKS
+        from perce_ds.data.retrieval import RetrievalRequest
+
+        requests = []
+        for r in records:
+            spec = TASKS[r.task]
+            requests.append(
+                RetrievalRequest(r.record_id, spec.query_of(r.query), r.profile, list(map(spec.item_text, r.profile)))
+            )
+        try:
+            selections = self.retriever.select(requests)
+        except ValueError as e:
+            raise ValueError(f"{self.source}: retrieval failed for task {records[0].task}: {e}") from None
+        cols: dict[str, list[Any]] = {name: [] for name in CACHE_COLUMNS}
+        for record, picked in zip(records, selections):
+            chosen = PersonaRecord(**{**record.to_dict(), "profile": [record.profile[i] for i in picked]})
+            self.calls += 1
+            try:
+                ex, error = tokenize_record(chosen, self.tokenizer, self.settings, self.source), ""
+            except RecordError as e:
+                ex = TokenizedExample(record.record_id, [], [], [])
+                error = json.dumps([e.source, e.where, e.field_name, e.problem])
+            row = {**ex.__dict__, "user_id": record.user_id, "profile_size": len(record.profile), "error": error}
+            for name in CACHE_COLUMNS:
+                cols[name].append(row[name])
+        return cols
+
+
+CACHE_COLUMNS = (
+    "record_id", "user_id", "profile_size", "cond_prompt_ids", "abl_prompt_ids", "response_ids",
+    "persona_token_mask", "profile_items_kept", "profile_items_dropped", "profile_items_trimmed",
+    "profile_tokens_trimmed", "response_capped", "profile_block", "error",
+)  # fmt: skip
+
+
+def cache_settings(cfg: RunConfig, role: str) -> dict[str, Any]:
+    """Everything besides records and tokenizer that the cached rows depend on."""
+    from perce_ds.data.cache import path_fingerprint
+
+    r = cfg.data.retrieval
+    return {
+        "role": role,
+        "prompt": dataclasses.asdict(prompt_settings(cfg)),
+        "retrieval": {"method": r.method, "top_k": r.top_k, "seed": r.seed if r.method == "random" else None},
+        "encoder": path_fingerprint(r.contriever_path) if r.method == "contriever" else None,
+    }
+
+
+def _task_split(
+    cfg: RunConfig, role: str, tokenizer: Any, is_rank0: bool, barrier: Callable[[], None]
+) -> tuple[list[TokenizedExample], SplitReport]:
+    from perce_ds.data.cache import build_or_load, cache_path, split_fingerprint
+
+    records, load_report = load_task_split(cfg, role)
+    source = load_report.source if load_report else f"{cfg.data.source} [{role}: no split]"
+    report = SplitReport(files=[source] if load_report else [])
+    if load_report:
+        report.records_read, report.skipped = load_report.read, list(load_report.skipped)
+    fingerprint = split_fingerprint(records, tokenizer, cache_settings(cfg, role))
+    path = cache_path(cache_root(cfg), f"{cfg.data.source}-{role}", fingerprint)
+    processor = SplitProcessor(cfg, tokenizer, source) if is_rank0 and not path.is_file() else None
+    rows, report.cache_built = build_or_load(
+        records, processor, path, is_rank0, barrier, desc=f"{role}: retrieve + tokenise"
+    )
+    report.cache_file = str(path)
+    examples = []
+    for row in rows:
+        if row["error"]:
+            error = RecordError(*json.loads(row["error"]), hint="raise data.max_length, or set data.on_bad_record=skip")
+            if cfg.data.on_bad_record == "error":
+                raise error
+            report.skipped.append(str(error))
+            continue
+        example = TokenizedExample(
+            **{k: row[k] for k in CACHE_COLUMNS if k not in ("user_id", "profile_size", "error")}
+        )
+        report.count(example)
+        report.empty_profiles += row["profile_size"] == 0
+        report.users.add(row["user_id"])
+        report.profile_sizes.append(row["profile_size"])
+        examples.append(example)
+    log.info("%s: %d examples (%s cache %s)", source, len(examples), "built" if report.cache_built else "reused", path)
+    return examples, report
+
+
+def build_task_splits(
+    cfg: RunConfig, tokenizer: Any, is_rank0: bool, barrier: Callable[[], None]
+) -> tuple[tuple[list[TokenizedExample], SplitReport], tuple[list[TokenizedExample], SplitReport]]:
+    """Train and eval examples of a longlamp / lamp source through the tokenised cache (one barrier per split)."""
+    return _task_split(cfg, "train", tokenizer, is_rank0, barrier), _task_split(
+        cfg, "eval", tokenizer, is_rank0, barrier
+    )

@@ -3,6 +3,10 @@
 conditioned user turn = profile block + query;  ablated user turn = query.
 Both use the same system message and chat template; the response is tokenised once, on its own,
 and appended to both prompts, so the two passes score exactly the same token ids.
+
+Two profile layouts: the generic one (PersonaRecord files, the synthetic task) drops whole items from the
+end to fit the budget; a task with a registered ProfileFormat (LongLaMP, LaMP) gets a LongLaMP-style block
+whose budget is shared per item, unused tokens rolling over to later items, an item's tail trimmed to fit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class PromptSettings:
     system_prompt: str
     max_length: int
     max_profile_tokens: int
+    max_response_tokens: int = 0  # 0 = never cut the response
 
 
 @dataclass
@@ -32,6 +37,10 @@ class TokenizedExample:
     persona_token_mask: list[bool] = field(default_factory=list)  # per response token; [] when unknown
     profile_items_kept: int = 0
     profile_items_dropped: int = 0
+    profile_items_trimmed: int = 0  # kept items whose tail was cut to fit the budget
+    profile_tokens_trimmed: int = 0  # item tokens left out (tails cut + dropped items), by the item's own count
+    response_capped: bool = False  # response cut to max_response_tokens (then it carries no EOS)
+    profile_block: str = ""  # the exact text the ablated prompt lacks ("" when nothing was kept)
 
 
 def render_profile_item(item: dict[str, Any]) -> str:
@@ -47,6 +56,43 @@ def profile_block(items: list[dict[str, Any]]) -> str:
     if not items:
         return ""
     return PROFILE_HEADER + "".join(f"- {render_profile_item(it)}\n" for it in items) + PROFILE_CONNECTOR
+
+
+@dataclass(frozen=True)
+class ProfileFormat:
+    """How a task shows its profile items, in the spirit of LongLaMP's prompts.
+
+    `item_template` is str.format over the item's fields (a missing field renders empty); `trim_fields`
+    are the fields whose tail may be cut to fit the budget, most important first (it keeps its tokens
+    longest). The block is `header + one line per item + connector`, and is a prefix of the user turn.
+    """
+
+    item_template: str
+    trim_fields: tuple[str, ...]
+    connector: str
+    header: str = ""
+
+    def render_item(self, item: dict[str, Any]) -> str:
+        return "- " + self.item_template.format_map(_Fields(item)) + "\n"
+
+    def block(self, items: list[dict[str, Any]]) -> str:
+        return self.header + "".join(self.render_item(it) for it in items) + self.connector if items else ""
+
+
+class _Fields(dict):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+PROFILE_FORMATS: dict[str, ProfileFormat] = {}  # task name -> format; filled by the task adapters
+
+
+def profile_format(task: str) -> ProfileFormat | None:
+    """The registered format of a task (LongLaMP, LaMP), or None for the generic layout."""
+    if task not in PROFILE_FORMATS and "/" in task:
+        import perce_ds.data.lamp  # noqa: F401  (registers its tasks)
+        import perce_ds.data.longlamp  # noqa: F401
+    return PROFILE_FORMATS.get(task)
 
 
 def render_prompt(tokenizer: Any, system_prompt: str, user_content: str) -> str:
@@ -69,6 +115,16 @@ def response_token_ids(tokenizer: Any, response: str, spans: list[list[int]]) ->
     return ids, mask + [False]
 
 
+def cap_response(ids: list[int], mask: list[bool], max_tokens: int) -> tuple[list[int], list[bool], bool]:
+    """Cut a response to its first `max_tokens` ids (0 = no cap); a cut response loses its EOS.
+
+    Why no EOS: teaching the model to stop where the cap fell would teach it to end texts mid-sentence.
+    """
+    if max_tokens <= 0 or len(ids) <= max_tokens:
+        return ids, mask, False
+    return ids[:max_tokens], mask[:max_tokens], True
+
+
 def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSettings, source: str) -> TokenizedExample:
     """Build both prompts; drop whole profile items (from the end) until the budgets hold.
 
@@ -77,6 +133,7 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
     raises RecordError naming the field to shorten.
     """
     response_ids, persona_mask = response_token_ids(tokenizer, record.response, record.persona_spans)
+    response_ids, persona_mask, capped = cap_response(response_ids, persona_mask, settings.max_response_tokens)
     abl_ids = _ids(tokenizer, render_prompt(tokenizer, settings.system_prompt, record.query))
     if len(abl_ids) + len(response_ids) > settings.max_length:
         field_name = "response" if len(response_ids) >= settings.max_length else "query"
@@ -89,6 +146,22 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
             "raise data.max_length, shorten the record, or set data.on_bad_record=skip",
         )
     budget = min(settings.max_profile_tokens, settings.max_length - len(abl_ids) - len(response_ids))
+    fmt = profile_format(record.task)
+    if fmt is not None:
+        fit = build_block(record.profile, fmt, tokenizer, budget, settings.system_prompt, record.query, len(abl_ids))
+        return TokenizedExample(
+            record_id=record.record_id,
+            cond_prompt_ids=fit.cond_ids if fit.block else list(abl_ids),
+            abl_prompt_ids=abl_ids,
+            response_ids=response_ids,
+            persona_token_mask=persona_mask,
+            profile_items_kept=fit.kept,
+            profile_items_dropped=len(record.profile) - fit.kept,
+            profile_items_trimmed=fit.trimmed_items,
+            profile_tokens_trimmed=fit.trimmed_tokens,
+            response_capped=capped,
+            profile_block=fit.block,
+        )
 
     def cond_prompt(kept: int) -> list[int]:
         user_content = profile_block(record.profile[:kept]) + record.query
@@ -119,4 +192,87 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
         persona_token_mask=persona_mask,
         profile_items_kept=kept,
         profile_items_dropped=len(record.profile) - kept,
+        profile_tokens_trimmed=sum(item_costs[kept:]),
+        response_capped=capped,
+        profile_block=profile_block(record.profile[:kept]),
     )
+
+
+@dataclass
+class BlockFit:
+    block: str
+    cond_ids: list[int]
+    kept: int
+    trimmed_items: int
+    trimmed_tokens: int
+
+
+def build_block(
+    items: list[dict[str, Any]],
+    fmt: ProfileFormat,
+    tokenizer: Any,
+    budget: int,
+    system_prompt: str,
+    query: str,
+    n_abl: int,
+) -> BlockFit:
+    """The largest LongLaMP-style block (in item order) whose conditioned prompt is <= n_abl + budget tokens.
+
+    LaMP's allocation: each item gets an equal share of the budget plus whatever earlier items left
+    unused; an item's trim fields are cut at a token boundary (text kept verbatim up to that token's
+    end) to fit its allowance; an item whose fixed part does not fit is left out and passes its share on.
+    The allocation is estimated on separately tokenised pieces, then settled on the real prompt by
+    cutting the last kept item further (or dropping it) until the budget holds.
+    """
+    fields = fmt.trim_fields
+    encs = [
+        {f: tokenizer(str(it.get(f) or ""), add_special_tokens=False, return_offsets_mapping=True) for f in fields}
+        for it in items
+    ]
+    fixed = [len(_ids(tokenizer, fmt.render_item({**it, **dict.fromkeys(fields, "")}))) for it in items]
+    full = [{f: len(e[f]["input_ids"]) for f in fields} for e in encs]
+    plans: list[dict[str, int] | None] = []
+    available = budget - len(_ids(tokenizer, fmt.header + fmt.connector))
+    share, carry = (available // len(items) if items and available > 0 else 0), 0
+    for i in range(len(items)):
+        allowance, room = share + carry, share + carry - fixed[i]
+        keep = {}
+        for f in fields:
+            keep[f] = min(full[i][f], max(room, 0))
+            room -= keep[f]
+        if allowance < fixed[i] or (any(full[i].values()) and not any(keep.values())):
+            plans.append(None)  # does not fit at all: its share rolls over
+            carry = allowance
+            continue
+        plans.append(keep)
+        carry = allowance - fixed[i] - sum(keep.values())
+
+    def cut(i: int, keep: dict[str, int]) -> dict[str, Any]:
+        item = dict(items[i])
+        for f in fields:
+            if keep[f] < full[i][f]:
+                offsets = encs[i][f]["offset_mapping"]
+                item[f] = str(item.get(f) or "")[: offsets[keep[f] - 1][1]] if keep[f] else ""
+        return item
+
+    def render() -> tuple[str, list[int]]:
+        block = fmt.block([cut(i, k) for i, k in enumerate(plans) if k is not None])
+        return block, _ids(tokenizer, render_prompt(tokenizer, system_prompt, block + query))
+
+    block, cond_ids = render()
+    while block and len(cond_ids) - n_abl > budget:
+        over = len(cond_ids) - n_abl - budget
+        j = max(i for i, k in enumerate(plans) if k is not None)
+        field_name = next((f for f in reversed(fields) if plans[j][f] > 0), None)
+        if field_name is None:
+            plans[j] = None
+        else:
+            plans[j][field_name] = max(0, plans[j][field_name] - over)
+            if not any(plans[j].values()) and any(full[j].values()):
+                plans[j] = None
+        block, cond_ids = render()
+    kept = [i for i, k in enumerate(plans) if k is not None]
+    trimmed_items = sum(1 for i in kept if any(plans[i][f] < full[i][f] for f in fields))
+    trimmed_tokens = sum(full[i][f] - plans[i][f] for i in kept for f in fields)
+    trimmed_tokens += sum(fixed[i] + sum(full[i].values()) for i, k in enumerate(plans) if k is None)
+    return BlockFit(block, cond_ids, len(kept), trimmed_items, trimmed_tokens)

@@ -1,0 +1,40 @@
+"""Convert a checkpoint to DeepSpeed's universal format, to resume on a different number of ranks.
+
+    python launch/convert_checkpoint.py runs/X/checkpoints/step_N [--out DIR]
+    deepspeed --num_gpus M launch/train.py ... --train.resume runs/X/checkpoints_universal/step_N
+
+ZeRO shards are tied to the world size that wrote them; the universal copy holds whole parameters and
+optimizer states, and the trainer loads it with `checkpoint.load_universal`. Keep the global batch
+(micro x accumulation x ranks) unchanged across the move so the data order continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a complete checkpoints/step_N directory")
+    parser.add_argument("--out", type=Path, help="default: <run>/checkpoints_universal/step_N")
+    args = parser.parse_args(argv)
+
+    from perce_ds.checkpoint import convert_to_universal, read_state
+
+    if not (args.checkpoint / "perce_state.json").is_file():
+        parser.error(f"{args.checkpoint} is not a complete perce_ds checkpoint (no perce_state.json)")
+    out = args.out or args.checkpoint.parent.parent / "checkpoints_universal" / args.checkpoint.name
+    convert_to_universal(args.checkpoint, out)
+    state = read_state(out)
+    print(f"universal checkpoint of step {state['step']} (written by {state['world_size']} ranks): {out}")
+    print(f"resume on any number of ranks with --train.resume {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

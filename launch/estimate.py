@@ -1,0 +1,62 @@
+"""Offline E-step: per-token PIR and PerCE weights for a dataset, with a fingerprint.
+
+    deepspeed launch/estimate.py --deepspeed ds_configs/zero3.json --recipe R.yaml --out DIR [--model M] [--key value ...]
+
+--model is an HF folder, a perce_ds checkpoint (runs/X/checkpoints/step_N), or omitted for the
+recipe's own model. When the estimating model is not already an HF folder (built from a config, or
+a DeepSpeed checkpoint), it is exported to DIR/model first, and the M-step must start from that
+folder: `launch/train.py ... --model.name_or_path DIR/model --model.config null --loss.weights_from DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from perce_ds.cli import parse_overrides  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "zero3.json"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo.yaml"))
+    parser.add_argument("--model", default="", help="HF folder or checkpoints/step_N; default: the recipe's model")
+    parser.add_argument("--out", required=True, help="directory for shard-*.parquet and index.json")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1)
+    args, rest = parser.parse_known_args(argv)
+
+    from perce_ds import checkpoint, estep
+    from perce_ds.config import RunConfig
+    from perce_ds.engine import Trainer
+
+    overrides = parse_overrides(rest)
+    model = Path(args.model) if args.model else None
+    ds_checkpoint = model is not None and (model / "perce_state.json").is_file()
+    if model is not None and not ds_checkpoint:
+        overrides += [f"model.name_or_path={model}", "model.config=null"]
+    cfg = RunConfig.load(args.recipe, overrides)
+    trainer = Trainer(cfg, args.deepspeed, inference_only=True)
+    out = Path(args.out)
+    if ds_checkpoint:
+        trainer.engine.load_checkpoint(
+            str(model.parent), tag=model.name, load_module_only=True,
+            load_optimizer_states=False, load_lr_scheduler_states=False,
+        )  # fmt: skip
+    if cfg.model.name_or_path is None or ds_checkpoint:
+        # Give the estimating model a folder the M-step can start from (and fingerprint).
+        exported = out / "model"
+        checkpoint.export_hf(trainer.module.lm, trainer.tokenizer, exported, trainer.is_rank0, "E-step model\n")
+        cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer = str(exported), None, None
+    index = estep.estimate(trainer, out)
+    if trainer.is_rank0:
+        print(f"E-step: {index['records']} records -> {out} (fingerprint {index['fingerprint']})")
+        print(f"M-step: --model.name_or_path {cfg.model.name_or_path} --model.config null --loss.weights_from {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

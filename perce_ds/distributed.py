@@ -1,0 +1,17 @@
+"""Process-group facts from whichever launcher started us (deepspeed, torchrun, or plain srun)."""
+
+from __future__ import annotations
+
+import os
+
+
+def apply_slurm_env() -> None:
+    """Under `srun` with one task per GPU there is no launcher: derive the torch.distributed
+    variables from SLURM's (MASTER_ADDR/MASTER_PORT come from the sbatch script)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1"))
+    os.environ.setdefault("MASTER_PORT", "29500")

@@ -1,0 +1,175 @@
+"""Offline E-step: per-token PIR and weights for a whole dataset, stored with a fingerprint.
+
+Layout of a weights directory:
+    shard-<rank>.parquet   record_id, response_ids, pir, weight (one row per record, lists per token)
+    index.json             fingerprint + shard list; written last, so its presence means "complete"
+
+The fingerprint has four parts, each a short hash: `data` (the tokenised examples the weights are
+aligned to), `tokenizer`, `model` (the model that estimated them) and `settings` (scheme, clip).
+An M-step refuses a directory whose fingerprint differs from its own and says which part differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from perce_ds.config import ConfigError, RunConfig
+from perce_ds.data.collate import MicroBatch, collate
+from perce_ds.data.order import shard_batches
+from perce_ds.data.prompts import TokenizedExample
+from perce_ds.loss import token_weights
+
+log = logging.getLogger("perce_ds")
+INDEX = "index.json"
+
+
+def _digest(parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(examples: list[TokenizedExample]) -> str:
+    return _digest([(e.record_id, e.cond_prompt_ids, e.abl_prompt_ids, e.response_ids) for e in examples])
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return _digest([vocab, tokenizer.all_special_tokens, tokenizer.chat_template])
+
+
+def model_fingerprint(cfg: RunConfig) -> str:
+    """An HF folder: its config plus each weight file's size, safetensors header and edges; a
+    from-scratch model: its architecture and seed (deterministic init)."""
+    if cfg.model.name_or_path is None:
+        return _digest({"config": cfg.model.config, "seed": cfg.train.seed})
+    folder = Path(cfg.model.name_or_path)
+    if not folder.is_dir():
+        return _digest({"hub_id": cfg.model.name_or_path})
+    parts: list[Any] = [(folder / "config.json").read_text() if (folder / "config.json").exists() else ""]
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            head = fh.read(1 << 20)
+            fh.seek(max(0, size - (1 << 20)))
+            tail = fh.read()
+        parts.append((f.name, size, hashlib.sha256(head + tail).hexdigest()))
+    return _digest(parts)
+
+
+def settings_fingerprint(cfg: RunConfig) -> str:
+    return _digest({"scheme": cfg.loss.scheme, "clip_min": cfg.loss.clip_min, "clip_max": cfg.loss.clip_max})
+
+
+def fingerprint(cfg: RunConfig, examples: list[TokenizedExample], tokenizer: Any) -> dict[str, str]:
+    return {
+        "data": data_fingerprint(examples),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "model": model_fingerprint(cfg),
+        "settings": settings_fingerprint(cfg),
+    }
+
+
+@torch.no_grad()
+def estimate(trainer: Any, out_dir: Path, print_every: int = 50) -> dict[str, Any]:
+    """Run the no-grad PIR pass over the training split on all ranks and write the weights.
+
+    Every rank scores its shard_batches(); the weights come from Trainer.token_stats, the very
+    function online training uses, so offline and online weights agree for the same batch.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    cfg, examples = trainer.cfg, trainer.data.train
+    rank, world = trainer.rank, trainer.world
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list] = {"record_id": [], "response_ids": [], "pir": [], "weight": []}
+    trainer.module.set_activation_checkpointing(False)
+    batches = shard_batches(len(examples), rank, world, cfg.train.micro_batch_size)
+    for idx, keep in tqdm(batches, disable=not trainer.is_rank0, desc="E-step"):
+        batch = collate([examples[i] for i in idx], trainer.tokenizer.pad_token_id)
+        batch.response_mask &= torch.tensor(keep)[:, None]  # padding rows: run, but score nothing
+        batch = batch.to(trainer.device)
+        _, stats = trainer.token_stats(batch, step=0, micro=0)
+        weights = token_weights(stats, cfg.loss)
+        for i, counted, pir, w in zip(idx, keep, _split(batch, stats.pir), _split(batch, weights), strict=True):
+            if not counted:
+                continue
+            rows["record_id"].append(examples[i].record_id)
+            rows["response_ids"].append(examples[i].response_ids)
+            rows["pir"].append(pir.float().cpu().tolist())
+            rows["weight"].append(w.float().cpu().tolist())
+    schema = pa.schema([("record_id", pa.string()), ("response_ids", pa.list_(pa.int64())),
+                        ("pir", pa.list_(pa.float32())), ("weight", pa.list_(pa.float32()))])  # fmt: skip
+    pq.write_table(pa.table(rows, schema=schema), out_dir / f"shard-{rank}.parquet")
+    dist.barrier()
+    index = {
+        "fingerprint": fingerprint(cfg, examples, trainer.tokenizer),
+        "model": cfg.model.name_or_path,
+        "shards": [f"shard-{r}.parquet" for r in range(world)],
+        "records": len(examples),
+        "scheme": cfg.loss.scheme,
+    }
+    if trainer.is_rank0:
+        (out_dir / INDEX).write_text(json.dumps(index, indent=2))
+    dist.barrier()
+    return index
+
+
+def _split(batch: MicroBatch, flat: torch.Tensor) -> list[torch.Tensor]:
+    """Per-row pieces of a flat per-token tensor (row-major over response_mask)."""
+    return list(torch.split(flat, batch.response_mask.sum(1).tolist()))
+
+
+class OfflineWeights:
+    """Stored weights for an M-step, checked against this run's fingerprint."""
+
+    def __init__(self, path: str | Path, expected: dict[str, str]):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        index_path = self.path / INDEX
+        if not index_path.is_file():
+            raise ConfigError(
+                f"loss.weights_from={self.path}: no {INDEX} (the E-step did not finish); run launch/estimate.py"
+            )
+        index = json.loads(index_path.read_text())
+        differ = [k for k in expected if index["fingerprint"].get(k) != expected[k]]
+        if differ:
+            detail = "; ".join(f"{k}: stored {index['fingerprint'].get(k)} vs this run {expected[k]}" for k in differ)
+            raise ConfigError(
+                f"loss.weights_from={self.path} was estimated for a different {', '.join(differ)} ({detail}). "
+                "Re-run the E-step (launch/estimate.py) with this run's data, tokenizer, model and loss settings"
+            )
+        self.by_record: dict[str, tuple[list[int], list[float], list[float]]] = {}
+        for shard in index["shards"]:
+            table = pq.read_table(self.path / shard).to_pydict()
+            for rid, ids, pir, w in zip(
+                table["record_id"], table["response_ids"], table["pir"], table["weight"], strict=True
+            ):
+                self.by_record[rid] = (ids, pir, w)
+
+    def for_batch(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, pir) in the flat token order of the batch; checks token alignment."""
+        weights, pirs = [], []
+        for row, rid in enumerate(batch.record_ids):
+            n = int(batch.response_mask[row].sum())
+            if n == 0:
+                continue
+            if rid not in self.by_record:
+                raise KeyError(f"{self.path}: no stored weights for record {rid}")
+            ids, pir, w = self.by_record[rid]
+            if ids[:n] != batch.response_ids[row, :n].tolist() or len(w) != n:
+                raise ValueError(f"{self.path}: stored response tokens of record {rid} differ from this run's")
+            weights.append(torch.tensor(w, dtype=torch.float32))
+            pirs.append(torch.tensor(pir, dtype=torch.float32))
+        empty = torch.zeros(0, dtype=torch.float32)
+        device = batch.response_ids.device
+        return (torch.cat(weights) if weights else empty).to(device), (torch.cat(pirs) if pirs else empty).to(device)
