@@ -12,4 +12,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${PERCE_TORCH:-torch==2.13.0}"
 .venv/bin/python -m pip install -q -e ".[${PERCE_EXTRAS:-test}]"
+bash launch/setup_wordnet.sh  # WordNet for METEOR (NLTK), offline afterwards
 .venv/bin/python -c "import torch, deepspeed, transformers, datasets; print('perce-ds env ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"

@@ -42,6 +42,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"mean PIR on persona tokens {fmt(ev.get('eval_pir_persona_tokens'))} vs other tokens "
         f"{fmt(ev.get('eval_pir_other_tokens'))}"
     )
+    if ev.get("summary_lines"):
+        print(ev["summary_lines"])
     skipped = summary.get("records_skipped", {})
     if any(skipped.values()):
         print(f"records skipped as bad: {skipped}")

@@ -85,6 +85,7 @@ class DataConfig:
     subset_seed: int = 0  # which records max_*_records keeps
     max_response_tokens: int = 0  # responses longer than this are cut (and counted); 0 = never cut
     cache_dir: str = ""  # tokenised cache; "" = <train.output_dir>/.data_cache (shared by runs)
+    packing: bool = False  # padding-free micro-batches: sequences concatenated, position ids restart per sequence
 
     def __post_init__(self) -> None:
         # Checks local to this section; RunConfig.validate does the cross-section ones.
@@ -109,6 +110,9 @@ class LossConfig:
     allow_nonpositive_clip_min: bool = False  # a weight <= 0 would unlearn tokens: opt in explicitly
     track_pir: bool = True  # run the ablated pass for metrics even when the scheme does not need it
     logprob_chunk_size: int = 1024  # rows of [tokens, vocab] logits materialised at once
+    fused_passes: bool = (
+        False  # one forward for both passes (ablated rows detached): one all-gather less, more backward
+    )
     weights_from: str | None = None  # offline EM: a launch/estimate.py output dir; no ablated pass in training
 
 
@@ -136,6 +140,9 @@ class TrainConfig:
     log_every: int = 1
     max_nonfinite_steps: int = 3  # consecutive refused steps before the run stops
     export_hf: bool = True
+    save_init_model: bool = False  # export the starting model to <run>/hf_init (before/after insight)
+    final_generation_eval: bool = False  # end with generation + ROUGE/METEOR + PIR F1 on the eval split
+    eval_max_new_tokens: int = 64
     tensorboard: bool = True
     dist_timeout_s: int = 1800
 

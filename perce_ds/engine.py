@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from perce_ds import checkpoint, estep
 from perce_ds.config import RunConfig
-from perce_ds.data.collate import MicroBatch, collate
+from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
 from perce_ds.data.order import DataOrder, shard_batches
 from perce_ds.data.pipeline import PreparedData, prepare_data
 from perce_ds.distributed import apply_slurm_env
@@ -209,7 +209,7 @@ class Trainer:
     def micro_batches(self, step: int) -> list[MicroBatch]:
         pad = self.tokenizer.pad_token_id
         return [
-            collate([self.data.train[i] for i in idx], pad).to(self.device)
+            collate([self.data.train[i] for i in idx], pad, self.cfg.data.packing).to(self.device)
             for idx in self.order.window(step, self.rank)
         ]
 
@@ -218,26 +218,44 @@ class Trainer:
         dist.all_reduce(values)
         return values.cpu()
 
-    def _forward(self, inputs: Any, batch: MicroBatch, with_entropy: bool = False) -> dict[str, torch.Tensor | None]:
+    def _forward(
+        self, inputs: PassInputs, batch: MicroBatch, with_entropy: bool = False, response: tuple | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        response_ids, response_mask = response or (batch.response_ids, batch.response_mask)
         return self.engine(
             input_ids=inputs.input_ids,
             attention_mask=inputs.attention_mask,
-            response_ids=batch.response_ids,
-            response_mask=batch.response_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
             with_entropy=with_entropy,
+            position_ids=inputs.position_ids,
+            predict_index=inputs.predict_index,
         )
+
+    def _rng(self, step: int, micro: int) -> torch.Generator:
+        """Per (step, rank, micro-batch) randomness for schemes that draw: the same after a resume."""
+        return torch.Generator().manual_seed(hash((self.cfg.train.seed, step, self.rank, micro)) & 0x7FFFFFFF)
 
     def token_stats(self, batch: MicroBatch, step: int, micro: int) -> tuple[torch.Tensor, TokenStats]:
         """E-step for one micro-batch: returns (logp_cond with grad, detached statistics)."""
         logp_abl = None
+        if self.run_ablated and self.cfg.loss.fused_passes:
+            # One forward over both passes (one ZeRO-3 all-gather); the ablated half is detached, so
+            # its activations are kept and backpropagated through for nothing: the trade-off.
+            fused, ids2, mask2 = fuse_passes(batch, self.tokenizer.pad_token_id)
+            out = self._forward(fused, batch, with_entropy=self.scheme.needs_entropy, response=(ids2, mask2))
+            n = batch.n_response_tokens
+            logp, entropy = out["logp"][:n], (out["entropy"][:n] if out["entropy"] is not None else None)
+            return logp, TokenStats(
+                logp.detach(), batch.seq_ids(), out["logp"][n:].detach(), entropy, self._rng(step, micro)
+            )
         if self.run_ablated:
             self.module.set_activation_checkpointing(False)
             with torch.no_grad():  # never inference_mode: its tensors break a later ZeRO-3 backward
                 logp_abl = self._forward(batch.ablated, batch)["logp"]
             self.module.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
         out = self._forward(batch.conditioned, batch, with_entropy=self.scheme.needs_entropy)
-        gen = torch.Generator().manual_seed(hash((self.cfg.train.seed, step, self.rank, micro)) & 0x7FFFFFFF)
-        stats = TokenStats(out["logp"].detach(), batch.seq_ids(), logp_abl, out["entropy"], gen)
+        stats = TokenStats(out["logp"].detach(), batch.seq_ids(), logp_abl, out["entropy"], self._rng(step, micro))
         return out["logp"], stats
 
     def train_step(self, step: int) -> StepResult:
@@ -409,6 +427,10 @@ class Trainer:
         from tqdm import tqdm
 
         self.engine.train()
+        if self.cfg.train.save_init_model and self.start_step == 0:
+            checkpoint.export_hf(
+                self.module.lm, self.tokenizer, self.run_dir / "hf_init", self.is_rank0, self._model_card()
+            )
         stop = StopRequest(self.cfg.train.max_wall_time)
         end = self.total_steps
         if self.cfg.train.stop_after:
@@ -442,6 +464,8 @@ class Trainer:
         evaluation = self.evaluate()
         if evaluation:
             log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items() if v is not None))
+        if self.cfg.train.final_generation_eval and self.data.eval:
+            evaluation |= self._generation_eval()
         if self.cfg.train.export_hf:
             checkpoint.export_hf(self.module.lm, self.tokenizer, self.run_dir / "hf", self.is_rank0, self._model_card())
         summary = self._summary(last)
@@ -450,6 +474,21 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
         return summary
+
+    def _generation_eval(self) -> dict[str, Any]:
+        """Generate for the eval split and score it (ROUGE/METEOR, persona-token accuracy, PIR F1)."""
+        from perce_ds.data.pipeline import data_files
+        from perce_ds.data.sources import load_many
+        from perce_ds.evaluation.demo import demo_evaluation
+
+        records = load_many(data_files(self.cfg)[1])[0] if self.cfg.data.source == "files" else None
+        result = demo_evaluation(
+            self.engine, self.module, self.tokenizer, self.data.eval, records, self.run_dir,
+            self.rank, self.world, max_new_tokens=self.cfg.train.eval_max_new_tokens,
+        )  # fmt: skip
+        self.engine.train()
+        self.module.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
+        return result
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank when any rank's flag is set (so all ranks leave the loop together)."""

@@ -105,31 +105,39 @@ class PerceLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
         with_entropy: bool = False,
+        position_ids: torch.Tensor | None = None,
+        predict_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Log-probs of the real response tokens.
 
-        input_ids/attention_mask: [B, T], the last R = response_ids.shape[1] columns being the
-        (right-padded) response. Returns {"logp": [N] fp32, "entropy": [N] or None} in row-major
-        order of response_mask's True entries.
+        Padded layout: input_ids/attention_mask [B, T], the last R = response_ids.shape[1] columns
+        being the (right-padded) response. Packed layout (attention_mask None): input_ids and
+        position_ids [1, total], predict_index [B, R] the flat position predicting each response
+        token. Returns {"logp": [N] fp32, "entropy": [N] or None} in row-major order of
+        response_mask's True entries.
         """
-        decoder = self.lm.get_decoder()
-        hidden = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
+        if attention_mask is not None:
+            position_ids = position_ids_from_mask(attention_mask)
+        hidden = (
+            self.lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
         ).last_hidden_state
-        n_resp = response_ids.shape[1]
-        # The hidden state at t predicts token t+1: positions T-R-1 .. T-2 predict the response.
-        predicting = hidden[:, -(n_resp + 1) : -1]
-        selected = predicting[response_mask]
-        targets = response_ids[response_mask]
+        if predict_index is None:
+            # The hidden state at t predicts token t+1: positions T-R-1 .. T-2 predict the response.
+            selected = hidden[:, -(response_ids.shape[1] + 1) : -1][response_mask]
+        else:
+            selected = hidden.flatten(0, 1)[predict_index[response_mask]]
         logp, entropy = chunked_token_logprobs(
-            selected, self.lm.get_output_embeddings().weight, targets, self.logprob_chunk_size, with_entropy
+            selected,
+            self.lm.get_output_embeddings().weight,
+            response_ids[response_mask],
+            self.logprob_chunk_size,
+            with_entropy,
         )
         return {"logp": logp, "entropy": entropy}
 

@@ -39,13 +39,20 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     return build_tiny_setup(tmp_path_factory.mktemp("dist"))
 
 
-def test_one_zero3_step_equals_plain_pytorch(setup):
-    """One PerCE step on 2 ZeRO-3 ranks == METHOD.md's formula in plain PyTorch (SGD, lr 1, fp32)."""
+@pytest.mark.parametrize(
+    "layout", [{}, {"packing": True}, {"packing": True, "fused_passes": True}], ids=["padded", "packed", "packed-fused"]
+)
+def test_one_zero3_step_equals_plain_pytorch(setup, layout):
+    """One PerCE step on 2 ZeRO-3 ranks == METHOD.md's formula in plain PyTorch (SGD, lr 1, fp32),
+    with padded or packed micro-batches and with separate or fused passes."""
     from transformers import AutoModelForCausalLM
 
-    spec = recipe(setup, "equiv")
+    name = "equiv-" + "-".join(sorted(layout))
+    spec = recipe(setup, name)
+    spec["data"]["packing"] = layout.get("packing", False)
+    spec["loss"]["fused_passes"] = layout.get("fused_passes", False)
     check(train(setup["root"], spec, 2, setup["sgd"]))
-    cfg = RunConfig.load(write_recipe(setup["root"] / "equiv.yaml", spec))
+    cfg = RunConfig.load(write_recipe(setup["root"] / f"{name}.yaml", spec))
     examples, _ = tokenize_split([str(setup["train"])], load_tokenizer(setup["model"]), cfg)
     order = DataOrder(len(examples), 2, 2, 1, cfg.train.seed)
     batch = [examples[i] for rank in (0, 1) for micro in order.window(0, rank) for i in micro]
@@ -54,7 +61,7 @@ def test_one_zero3_step_equals_plain_pytorch(setup):
     reference_perce_loss(model, batch, 0.8, 5.0).backward()
     with torch.no_grad():
         expected = {n: p - 1.0 * p.grad for n, p in model.named_parameters()}
-    got = load_safetensors(setup["root"] / "runs" / "equiv" / "hf" / "model.safetensors")
+    got = load_safetensors(setup["root"] / "runs" / name / "hf" / "model.safetensors")
     assert set(got) <= set(expected)
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,0 +1,90 @@
+"""Score a run the way the paper does: generate on a split, ROUGE-1 / ROUGE-L / METEOR, report.
+
+    python launch/evaluate.py --run runs/NAME [--split test|eval] [--tasks T ...] [--ablated] [--max-new-tokens N]
+    deepspeed --num_gpus N launch/evaluate.py --run runs/NAME --zero3     # ZeRO-3 sharded, synced generation
+
+Writes <run>/eval/ (or <run>/eval/<name>/ for other splits, --ablated, --tasks): generations.jsonl
+(streamed; rerun the same command to resume), per_record.jsonl, scores.json, report.md.
+Under a launcher each rank generates a shard; rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+
+def parse_task_tokens(values: list[str]) -> dict[str, int]:
+    """["task=N", ...] -> {task: N}."""
+    out = {}
+    for v in values:
+        task, sep, n = v.partition("=")
+        if not sep or not n.isdigit():
+            raise SystemExit(f"--task-max-new-tokens {v!r}: expected TASK=N")
+        out[task] = int(n)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, type=Path, help="run directory (runs/NAME)")
+    p.add_argument("--split", default="test", choices=["test", "eval"])
+    p.add_argument("--tasks", nargs="*", default=[], help="only these tasks")
+    p.add_argument(
+        "--data", nargs="*", default=[], help="record files of the split (needed for a file-based test split)"
+    )
+    p.add_argument("--ablated", action="store_true", help="prompts without profiles (persona-ablated)")
+    p.add_argument("--model", help="HF folder to evaluate (default: <run>/hf)")
+    p.add_argument("--checkpoint", help="a checkpoints/step_N directory instead of the exported model")
+    p.add_argument("--zero3", action="store_true", help="shard the model with ZeRO-3 and generate with synced_gpus")
+    p.add_argument("--name", help="output sub-directory of <run>/eval/")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier generations in the output directory")
+    p.add_argument("--limit", type=int, default=0, help="only the first N records (smoke tests)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--task-max-new-tokens", nargs="*", default=[], metavar="TASK=N")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    p.add_argument("--dist-timeout", type=int, default=1800, help="seconds before a stuck collective fails")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from perce_ds.evaluation.evaluate import EvalOptions, evaluate_run
+    from perce_ds.evaluation.generation import GenerationSettings
+    from perce_ds.evaluation.runs import EvalInputError
+    from perce_ds.logging_utils import setup_logging
+
+    setup_logging(int(__import__("os").environ.get("RANK", "0")) == 0)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, max_new_tokens_per_task=parse_task_tokens(args.task_max_new_tokens),
+        batch_size=args.batch_size, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed,
+    )  # fmt: skip
+    opts = EvalOptions(
+        run=args.run, split=args.split, tasks=args.tasks, data=args.data, ablated=args.ablated, model=args.model,
+        checkpoint=args.checkpoint, zero3=args.zero3, name=args.name, overwrite=args.overwrite, limit=args.limit,
+        generation=settings, seed=args.seed, dist_timeout_s=args.dist_timeout,
+    )  # fmt: skip
+    try:
+        scores = evaluate_run(opts)
+    except EvalInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if scores is not None:
+        out = args.run / "eval" / opts.output_name()
+        print((out / "report.md").read_text())
+        print(f"wrote {out}/report.md, scores.json, per_record.jsonl, generations.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

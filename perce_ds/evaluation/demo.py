@@ -1,0 +1,201 @@
+"""The evaluation that ends the demo run, on the live (ZeRO-3) training engine.
+
+Three views of the eval split: (1) teacher forcing: next-token accuracy on ground-truth persona
+tokens vs other tokens; (2) free generation from the conditioned prompts: ROUGE-1/L and METEOR;
+(3) PIR as a persona-token detector: precision/recall/F1 of "PIR > 0" against the ground-truth
+mask, with the F1 a random marking at the same positive rate would get, and the best threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from perce_ds.data.collate import collate
+from perce_ds.data.order import shard_batches
+from perce_ds.data.prompts import TokenizedExample
+from perce_ds.data.records import PersonaRecord
+from perce_ds.evaluation import metrics
+from perce_ds.evaluation.generation import GenerationSettings, GenItem, run_generation, texts_by_id
+from perce_ds.evaluation.report import write_eval_outputs
+from perce_ds.insight import best_threshold, marking_scores, split_rows
+from perce_ds.model import position_ids_from_mask
+
+log = logging.getLogger("perce_ds")
+
+
+@torch.no_grad()
+def _teacher_forced(engine: Any, module: Any, examples: list[TokenizedExample], pad_id: int, rank: int, world: int):
+    """Per counted example on this rank: (index, PIR array, correct-argmax array). Same calls on every rank."""
+    mb = int(engine.train_micro_batch_size_per_gpu())
+    device = next(module.parameters()).device
+    out = []
+    for idx, keep in shard_batches(len(examples), rank, world, mb):  # padding rows: scored, then discarded
+        batch = collate([examples[i] for i in idx], pad_id).to(device)
+        logp = [
+            engine(input_ids=p.input_ids, attention_mask=p.attention_mask, response_ids=batch.response_ids,
+                   response_mask=batch.response_mask, with_entropy=False)["logp"]
+            for p in (batch.conditioned, batch.ablated)
+        ]  # fmt: skip
+        n_resp = batch.response_ids.shape[1]
+        logits = module.lm(
+            input_ids=batch.conditioned.input_ids,
+            attention_mask=batch.conditioned.attention_mask,
+            position_ids=position_ids_from_mask(batch.conditioned.attention_mask),
+            logits_to_keep=n_resp + 1,
+            use_cache=False,
+        ).logits[:, :n_resp]
+        correct = (logits.argmax(-1) == batch.response_ids)[batch.response_mask].cpu()
+        mask = batch.response_mask.cpu()
+        pirs = split_rows((logp[0] - logp[1]).double().cpu(), mask)
+        hits = split_rows(correct, mask)
+        out += [(i, p, h) for i, k, p, h in zip(idx, keep, pirs, hits) if k]
+    return out
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1 or not dist.is_initialized():
+        return [obj]
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def demo_evaluation(
+    engine: Any,
+    module: Any,
+    tokenizer: Any,
+    examples: list[TokenizedExample],
+    records: list[PersonaRecord] | None,
+    run_dir: Path,
+    rank: int,
+    world: int,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """Score the live model on `examples` (the eval split); write <run_dir>/eval/demo/; return the numbers.
+
+    How the trainer calls it (every rank, same arguments; it is a sequence of collectives), after
+    training and before or after the HF export:
+
+        from perce_ds.data.pipeline import data_files
+        from perce_ds.data.sources import load_many
+        from perce_ds.evaluation.demo import demo_evaluation
+
+        records = load_many(data_files(self.cfg)[1])[0] if self.data.eval else None
+        demo = demo_evaluation(self.engine, self.module, self.tokenizer, self.data.eval, records,
+                               self.run_dir, self.rank, self.world, max_new_tokens=64)
+        summary["demo_eval"] = {k: v for k, v in demo.items() if k != "summary_lines"}
+        if self.is_rank0:
+            print(demo["summary_lines"])
+
+    `module` is the PerceLM given to deepspeed.initialize (its `.lm` is the HF model). `records`
+    (matched by record_id) supply the reference texts and tasks; without them the reference is the
+    decoded response ids. Generation uses `synced_gpus=True` when the parameters are ZeRO-3 shards
+    and world > 1 (the caller's live HfDeepSpeedConfig stays referenced by the Trainer).
+    The engine is put back in train mode and activation checkpointing restored before returning.
+
+    Returns the same dict on every rank: flat floats/ints (demo_* keys; None when undefined, e.g.
+    no ground-truth persona tokens) and "summary_lines", one string of 3 lines for printing.
+    Files: eval/demo/generations.jsonl (regenerated each call), per_record.jsonl, scores.json, report.md.
+    """
+    was_checkpointing = bool(getattr(module.lm, "is_activation_checkpointing", False))
+    engine.eval()
+    module.set_activation_checkpointing(False)
+    try:
+        rows = _teacher_forced(engine, module, examples, tokenizer.pad_token_id, rank, world)
+        parts = _gather(rows, world)
+        by_rid = {r.record_id: r for r in records or []}
+        out_dir = run_dir / "eval" / "demo"
+        gen_path = out_dir / "generations.jsonl"
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            gen_path.unlink(missing_ok=True)  # the model changed since any earlier call
+        if dist.is_initialized():
+            dist.barrier()
+        items = [GenItem(e.record_id, by_rid[e.record_id].task if e.record_id in by_rid else "eval", e.cond_prompt_ids)
+                 for e in examples]  # fmt: skip
+        sharded = any(hasattr(p, "ds_id") for p in module.parameters())
+        settings = GenerationSettings(
+            max_new_tokens=max_new_tokens, batch_size=int(engine.train_micro_batch_size_per_gpu())
+        )
+        gens = run_generation(module.lm, tokenizer, items, settings, gen_path, synced_gpus=sharded and world > 1,
+                              progress=False)  # fmt: skip
+    finally:
+        engine.train()
+        module.set_activation_checkpointing(was_checkpointing)
+    result: dict[str, Any] = {}
+    if rank == 0:
+        result = _score(examples, [r for part in parts for r in part], by_rid, texts_by_id(gens.values()), tokenizer,
+                        out_dir)  # fmt: skip
+    if world > 1 and dist.is_initialized():
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
+def _score(
+    examples: list[TokenizedExample], rows: list[tuple], by_rid: dict[str, PersonaRecord],
+    generations: dict[str, str], tokenizer: Any, out_dir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    rows = sorted(rows, key=lambda r: r[0])
+    truth = [examples[i].persona_token_mask for i, _, _ in rows]
+    pir = [p for _, p, _ in rows]
+    hits = [np.asarray(h, dtype=bool) for _, _, h in rows]
+    res: dict[str, Any] = {"demo_n_records": len(examples)}
+    if any(truth):
+        y = np.concatenate([np.asarray(t, dtype=bool) for t in truth])
+        h = np.concatenate(hits)
+        res["demo_persona_token_acc"] = float(h[y].mean()) if y.any() else None
+        res["demo_other_token_acc"] = float(h[~y].mean()) if (~y).any() else None
+        m, b = marking_scores(pir, truth, 0.0), best_threshold(pir, truth)
+        res.update(demo_pir_f1=m["f1"], demo_pir_precision=m["precision"], demo_pir_recall=m["recall"],
+                   demo_pir_positive_rate=m["positive_rate"], demo_pir_random_f1=m["random_f1"],
+                   demo_pir_best_threshold=b["threshold"], demo_pir_best_f1=b["f1"], demo_pir_best_random_f1=b["random_f1"])  # fmt: skip
+    else:
+        res["demo_token_acc"] = float(np.concatenate(hits).mean()) if hits else None
+    try:
+        metrics.ensure_wordnet()
+        have_wordnet = True
+    except metrics.WordNetMissingError as e:
+        log.warning("demo evaluation: METEOR skipped: %s", e)
+        have_wordnet = False
+    per_record = []
+    for e in examples:
+        rec = by_rid.get(e.record_id)
+        ref = rec.response if rec else tokenizer.decode(e.response_ids[:-1], skip_special_tokens=True)
+        gen = generations.get(e.record_id)
+        scores = metrics.rouge(gen, ref)
+        scores["meteor"] = metrics.meteor(gen, ref) if have_wordnet else float("nan")
+        per_record.append({"record_id": e.record_id, "task": rec.task if rec else "eval", **scores,
+                           "empty": float(not gen), "missing": float(e.record_id not in generations)})  # fmt: skip
+    summary = write_eval_outputs(out_dir, per_record, {"run": out_dir.parents[1].name, "split": "eval", "seed": 0,
+                                                       "model": "live training engine", "ablated": False})  # fmt: skip
+    for key in metrics.METRICS:
+        v = summary["overall"][key]["mean"]
+        res[f"demo_{key}"] = v if math.isfinite(v) else None
+    res["demo_n_empty"] = summary["overall"]["n_empty"]
+    res["summary_lines"] = _summary_lines(res)
+    return res
+
+
+def _summary_lines(r: dict[str, Any]) -> str:
+    def f(key: str, scale: float = 1.0) -> str:
+        v = r.get(key)
+        return f"{scale * v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+    return "\n".join([
+        f"demo eval ({r['demo_n_records']} records): persona-token accuracy {f('demo_persona_token_acc')} "
+        f"vs other tokens {f('demo_other_token_acc')} (teacher forcing)",
+        f"generated answers: ROUGE-1 {f('demo_rouge1', 100)}, ROUGE-L {f('demo_rougeL', 100)}, "
+        f"METEOR {f('demo_meteor', 100)} (x100; {r.get('demo_n_empty', 0)} empty)",
+        f"PIR>0 as persona-token detector: F1 {f('demo_pir_f1')} (P {f('demo_pir_precision')}, R {f('demo_pir_recall')}) "
+        f"vs random marking at the same rate {f('demo_pir_random_f1')}; best threshold {f('demo_pir_best_threshold')}: "
+        f"F1 {f('demo_pir_best_f1')} (random {f('demo_pir_best_random_f1')})",
+    ])  # fmt: skip

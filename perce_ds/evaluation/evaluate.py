@@ -1,0 +1,168 @@
+"""Evaluate a run: generate on a split (resumable, data-parallel, optionally ZeRO-3), score, report.
+
+Output directory: <run>/eval/ for the default (test split, conditioned prompts, all tasks), else
+<run>/eval/<name>/ (name: "--name", or derived from split, --ablated and --tasks). It holds
+meta.json (what the generations were made from, with a fingerprint), generations.jsonl (streamed),
+per_record.jsonl, scores.json, report.md and training_curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from perce_ds.evaluation import report, runs
+from perce_ds.evaluation.generation import GenerationSettings, read_generations, run_generation, texts_by_id
+from perce_ds.evaluation.metrics import ensure_wordnet
+from perce_ds.model import resolve_dtype
+
+log = logging.getLogger("perce_ds")
+OUTPUT_FILES = ("meta.json", "generations.jsonl", "per_record.jsonl", "scores.json", "report.md")
+
+
+@dataclass
+class EvalOptions:
+    run: Path
+    split: str = "test"
+    tasks: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+    ablated: bool = False
+    model: str | None = None
+    checkpoint: str | None = None
+    zero3: bool = False
+    name: str | None = None
+    overwrite: bool = False
+    limit: int = 0
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    seed: int = 0
+    dist_timeout_s: int = 1800
+
+    def output_name(self) -> str:
+        if self.name is not None:
+            return self.name
+        parts = [] if self.split == "test" else [self.split]
+        parts += ["ablated"] if self.ablated else []
+        parts += ["+".join(sorted(self.tasks))] if self.tasks else []
+        return "-".join(parts)
+
+
+def init_dist(timeout_s: int, needed: bool) -> tuple[int, int]:
+    """Join the launcher's process group (deepspeed/torchrun set WORLD_SIZE); else run as one process."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or needed:
+        import deepspeed
+
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s)
+        )
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(error: str | None) -> None:
+    """Raise on every rank when rank 0 found a problem (so no rank is left waiting in a collective)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise runs.EvalInputError(error)
+
+
+def check_output_dir(out_dir: Path, meta: dict[str, Any], record_ids: set[str], overwrite: bool) -> str | None:
+    """None when out_dir may be (re)used for meta; an error message otherwise. Clears it on --overwrite."""
+    if overwrite and out_dir.exists():
+        for name in (*OUTPUT_FILES, "training_curves.png"):
+            (out_dir / name).unlink(missing_ok=True)
+        return None
+    gen = out_dir / "generations.jsonl"
+    old_meta = json.loads((out_dir / "meta.json").read_text()) if (out_dir / "meta.json").is_file() else None
+    if old_meta is None:
+        return f"{gen} exists without meta.json (unknown origin); pass --overwrite or --name" if gen.exists() else None
+    if old_meta.get("fingerprint") != meta["fingerprint"]:
+        changed = sorted(
+            k for k in ("split", "ablated", "model_id", "generation", "n_records") if old_meta.get(k) != meta.get(k)
+        )
+        return (
+            f"{out_dir} holds generations made from different inputs (fingerprint {old_meta.get('fingerprint')} vs "
+            f"{meta['fingerprint']}; differing: {changed or 'the records themselves'}). Nothing was overwritten: "
+            "pass --overwrite to start over, or --name NEW to keep both"
+        )
+    stray = sorted(set(read_generations(gen)) - record_ids)
+    if stray:
+        return f"{gen} has record_ids not in this split (e.g. {stray[:3]}): it comes from another dataset; pass --overwrite"
+    return None
+
+
+def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
+    """Generate (resuming), score and report; returns scores.json's content on rank 0, None elsewhere.
+
+    Call on every rank of the launcher's job (or in one plain process). Raises EvalInputError with a
+    message saying what to do for a missing run/model/split or a generations file that does not match.
+    """
+    rank, world = init_dist(opts.dist_timeout_s, opts.zero3)
+    run_dir = Path(opts.run)
+    cfg = runs.load_run_config(run_dir)
+    ensure_wordnet()  # fail before generating for an hour, not after
+    if opts.checkpoint:
+        model_dir, model_id = None, f"checkpoint:{Path(opts.checkpoint).resolve()}"
+    else:
+        model_dir = runs.resolve_model_dir(run_dir, opts.model)
+        model_id = runs.model_identity(model_dir)
+    from perce_ds.data.pipeline import resolve_tokenizer
+    from perce_ds.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir) if model_dir and (model_dir / "tokenizer_config.json").is_file() else None
+    tokenizer = tokenizer or resolve_tokenizer(cfg)
+    records = runs.split_records(cfg, opts.split, opts.data, opts.tasks)
+    if opts.limit:
+        records = records[: opts.limit]
+    examples, relaxed = runs.tokenize_for_eval(records, tokenizer, runs.prompt_settings(cfg))
+    items = runs.gen_items(records, examples, opts.ablated)
+    out_dir = run_dir / "eval" / opts.output_name()
+    meta = {
+        "run": run_dir.name, "split": opts.split, "tasks": sorted({r.task for r in records}), "ablated": opts.ablated,
+        "model": str(model_dir or opts.checkpoint), "model_id": model_id, "generation": opts.generation.to_dict(),
+        "n_records": len(records), "prompts_with_lifted_length_budget": relaxed, "seed": opts.seed,
+        "data": list(opts.data), "world_size": world, "zero3": opts.zero3,
+    }  # fmt: skip
+    fp_extra = {k: meta[k] for k in ("model_id", "generation")}
+    meta["fingerprint"] = runs.data_fingerprint(records, opts.ablated, fp_extra)
+    error = None
+    if rank == 0:
+        error = check_output_dir(out_dir, meta, {r.record_id for r in records}, opts.overwrite)
+        if not error:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    _agree(error)
+
+    dtype = resolve_dtype(cfg.model.dtype)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    keepalive: Any = None
+    if opts.checkpoint:
+        lm = runs.load_checkpoint_weights(cfg, Path(opts.checkpoint), tokenizer, dtype).to(device)
+    elif opts.zero3:
+        lm, keepalive = runs.load_zero3_model(model_dir, dtype)
+    else:
+        lm = runs.load_plain_model(model_dir, dtype, device)
+    rows = run_generation(lm, tokenizer, items, opts.generation, out_dir / "generations.jsonl", synced_gpus=opts.zero3)
+    del keepalive
+    if rank != 0:
+        return None
+    references = {r.record_id: (r.task, r.response) for r in records}
+    per_record = report.score_generations(references, texts_by_id(rows.values()))
+    scores = report.write_eval_outputs(out_dir, per_record, meta)
+    report.plot_training_curves([run_dir], [run_dir.name], out_dir / "training_curves.png")
+    return scores

@@ -1,0 +1,163 @@
+"""LongLaMP metrics done carefully: ROUGE-1, ROUGE-L, METEOR per record, means, bootstrap intervals.
+
+- ROUGE-1 / ROUGE-L: `rouge-score`'s F-measure with its Porter stemmer ON (stated in every report),
+  its default tokenizer (lower-case, non-alphanumerics removed). ROUGE-L is sentence-level LCS
+  ("rougeL"), as LongLaMP reports it.
+- METEOR: NLTK's `meteor_score` (alpha 0.9, beta 3, gamma 0.5; exact, Porter-stem and WordNet-synonym
+  matching), on lower-cased `\\w+|[^\\w\\s]` tokens. WordNet must be installed offline by
+  launch/setup_wordnet.sh; without it `meteor` raises WordNetMissingError instead of silently scoring 0.
+- An empty or missing generation scores 0 on every metric and is counted (never skipped).
+- The reported mean is the plain mean over records (no bootstrap resampling); the bootstrap is used
+  only for the 95% interval of that mean and for paired p-values, always with a fixed seed.
+Scores are fractions in [0, 1]; reports multiply by 100.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = ("rouge1", "rougeL", "meteor")
+ROUGE_STEMMING = True
+TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SETUP_HINT = (
+    "run `bash launch/setup_wordnet.sh` (installs Debian's WordNet 3.0 into $NLTK_DATA, default .venv/nltk_data)"
+)
+
+
+class WordNetMissingError(RuntimeError):
+    """NLTK cannot find WordNet, so METEOR cannot be computed."""
+
+
+def _nltk_paths() -> list[str]:
+    return [str(REPO_ROOT / ".venv" / "nltk_data"), str(Path(sys.prefix) / "nltk_data")]
+
+
+def ensure_wordnet() -> None:
+    """Make NLTK find WordNet (project venv first), or raise WordNetMissingError naming the fix."""
+    import nltk
+
+    for path in _nltk_paths():
+        if path not in nltk.data.path and Path(path).is_dir():
+            nltk.data.path.insert(0, path)
+    try:
+        nltk.data.find("corpora/wordnet")
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
+        if not wordnet.synsets("dog"):
+            raise LookupError("WordNet loaded but has no synsets for 'dog'")
+    except (LookupError, OSError) as e:
+        raise WordNetMissingError(
+            f"METEOR needs WordNet and NLTK cannot load it ({str(e).strip().splitlines()[0]}); {SETUP_HINT}. "
+            f"NLTK searched: {nltk.data.path[:4]}"
+        ) from None
+
+
+_ROUGE_SCORER: Any = None
+
+
+def _rouge() -> Any:
+    global _ROUGE_SCORER
+    if _ROUGE_SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=ROUGE_STEMMING)
+    return _ROUGE_SCORER
+
+
+def tokenize_for_meteor(text: str) -> list[str]:
+    """Lower-cased word and punctuation tokens (NLTK's METEOR wants pre-tokenised input)."""
+    return TOKEN_RE.findall(text.lower())
+
+
+def rouge(prediction: str | None, reference: str) -> dict[str, float]:
+    """ROUGE-1 and ROUGE-L F-measures (stemming on); 0.0 for an empty or missing prediction."""
+    if not prediction or not prediction.strip():
+        return {"rouge1": 0.0, "rougeL": 0.0}
+    scores = _rouge().score(reference, prediction)
+    return {"rouge1": float(scores["rouge1"].fmeasure), "rougeL": float(scores["rougeL"].fmeasure)}
+
+
+def meteor(prediction: str | None, reference: str) -> float:
+    """NLTK METEOR of one prediction against one reference; 0.0 when empty or missing."""
+    ensure_wordnet()
+    hyp = tokenize_for_meteor(prediction or "")
+    ref = tokenize_for_meteor(reference)
+    if not hyp or not ref:
+        return 0.0
+    from nltk.translate.meteor_score import meteor_score
+
+    return float(meteor_score([ref], hyp))
+
+
+def score_record(prediction: str | None, reference: str) -> dict[str, float]:
+    """All METRICS for one record, plus "empty": 1.0 when the prediction is empty or missing."""
+    empty = not prediction or not prediction.strip()
+    return {**rouge(prediction, reference), "meteor": meteor(prediction, reference), "empty": float(empty)}
+
+
+def bootstrap_ci(values: np.ndarray | list[float], n_resamples: int = 1000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval (lo, hi) of the mean of `values`; (nan, nan) when empty."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, 100):  # bounded memory for large test sets
+        stop = min(n_resamples, start + 100)
+        means[start:stop] = x[rng.integers(0, x.size, (stop - start, x.size))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def paired_bootstrap_pvalue(a: list[float], b: list[float], n_resamples: int = 1000, seed: int = 0) -> float:
+    """Two-sided paired bootstrap p-value for mean(b) != mean(a) over the same records.
+
+    Resamples the per-record differences d = b - a after centring them on 0 (the null of no
+    difference) and returns the fraction of resampled |mean| >= |observed mean| (with the +1
+    correction, so never exactly 0). Identical inputs give 1.0.
+    """
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    if d.size == 0:
+        return float("nan")
+    observed = abs(d.mean())
+    if observed == 0.0:
+        return 1.0
+    centred = d - d.mean()
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, n_resamples, 100):
+        stop = min(n_resamples, start + 100)
+        means = centred[rng.integers(0, d.size, (stop - start, d.size))].mean(axis=1)
+        hits += int((np.abs(means) >= observed - 1e-15).sum())
+    return (hits + 1) / (n_resamples + 1)
+
+
+@dataclass
+class MetricSummary:
+    mean: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
+
+
+def summarise(per_record: list[dict[str, Any]], seed: int = 0, n_resamples: int = 1000) -> dict[str, Any]:
+    """Mean, bootstrap 95% CI and counts of each metric over per-record score dicts (fractions)."""
+    out: dict[str, Any] = {"n_records": len(per_record), "n_empty": int(sum(r.get("empty", 0) for r in per_record))}
+    out["n_missing"] = int(sum(r.get("missing", 0) for r in per_record))
+    for metric in METRICS:
+        values = np.array([r[metric] for r in per_record], dtype=np.float64)
+        lo, hi = bootstrap_ci(values, n_resamples, seed)
+        mean = float(values.mean()) if values.size else float("nan")
+        out[metric] = MetricSummary(mean, lo, hi, int(values.size)).to_dict()
+    return out

@@ -1,0 +1,208 @@
+"""Scores files, Markdown reports, run comparisons and plots.
+
+Per evaluation directory (e.g. runs/NAME/eval/): per_record.jsonl (one row of scores per record),
+scores.json (overall and per-task means with seeded bootstrap 95% intervals, counts of empty and
+missing generations) and report.md. Comparisons: a table per task and metric with the relative
+gain over the first run and a paired bootstrap p-value, a cross-task matrix, training curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perce_ds.evaluation.metrics import METRICS, ROUGE_STEMMING, paired_bootstrap_pvalue, score_record, summarise
+
+METRIC_NAMES = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "meteor": "METEOR"}
+CURVE_KEYS = ("loss", "ce", "pir_mean", "personal_ratio")
+
+
+def score_generations(references: dict[str, tuple[str, str]], generations: dict[str, str]) -> list[dict[str, Any]]:
+    """Per-record scores for every reference (record_id -> (task, text)); a missing generation scores 0."""
+    rows = []
+    for rid, (task, reference) in references.items():
+        missing = rid not in generations
+        scores = score_record(None if missing else generations[rid], reference)
+        rows.append({"record_id": rid, "task": task, **scores, "missing": float(missing)})
+    return rows
+
+
+def summarise_by_task(per_record: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """{"overall": summary, "by_task": {task: summary}} (see metrics.summarise)."""
+    tasks = sorted({r["task"] for r in per_record})
+    return {
+        "overall": summarise(per_record, seed),
+        "by_task": {t: summarise([r for r in per_record if r["task"] == t], seed) for t in tasks},
+    }
+
+
+def write_eval_outputs(out_dir: Path, per_record: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write per_record.jsonl, scores.json and report.md into out_dir; return the scores.json content."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "per_record.jsonl").open("w", encoding="utf-8") as f:
+        for row in per_record:
+            f.write(json.dumps(row) + "\n")
+    scores = {**summarise_by_task(per_record, seed=int(meta.get("seed", 0))), "meta": meta}
+    scores["meta"]["rouge_stemming"] = ROUGE_STEMMING
+    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2))
+    (out_dir / "report.md").write_text(render_report(scores))
+    return scores
+
+
+def _fmt(x: float) -> str:
+    return f"{100 * x:.2f}" if isinstance(x, (int, float)) and math.isfinite(x) else "n/a"
+
+
+def render_report(scores: dict[str, Any]) -> str:
+    """The Markdown report of one evaluation."""
+    meta = scores["meta"]
+    lines = [
+        f"# Evaluation of {meta.get('run', '?')}",
+        "",
+        f"Split `{meta.get('split')}`, prompts {'without profiles (ablated)' if meta.get('ablated') else 'with profiles'}, "
+        f"model `{meta.get('model')}`; decoding: {json.dumps(meta.get('generation', {}))}.",
+        "",
+        "Scores x100. ROUGE: `rouge-score` F-measure, Porter stemming "
+        f"{'on' if ROUGE_STEMMING else 'off'}, mean over records (no bootstrap resampling of the mean). "
+        "METEOR: NLTK (WordNet 3.0). Empty or missing generations score 0 and are counted. "
+        f"Brackets: seeded (seed {meta.get('seed', 0)}) percentile bootstrap 95% interval of the mean.",
+        "",
+        "| task | n | empty | missing | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |",
+        "|---|---|---|---|" + "---|" * len(METRICS),
+    ]
+    for name, s in [("all", scores["overall"]), *scores["by_task"].items()]:
+        cells = [f"{_fmt(s[m]['mean'])} [{_fmt(s[m]['ci_low'])}, {_fmt(s[m]['ci_high'])}]" for m in METRICS]
+        lines.append(f"| {name} | {s['n_records']} | {s['n_empty']} | {s['n_missing']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _per_record(eval_dir: Path) -> dict[str, dict[str, Any]]:
+    path = eval_dir / "per_record.jsonl"
+    return {r["record_id"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def compare_runs(eval_dirs: list[Path], labels: list[str], seed: int = 0) -> dict[str, Any]:
+    """Per task and metric: each run's mean, relative gain over the first run, paired bootstrap p-value.
+
+    Records are paired by record_id; only records present in both runs enter a p-value.
+    """
+    per = [_per_record(d) for d in eval_dirs]
+    scores = [json.loads((d / "scores.json").read_text()) for d in eval_dirs]
+    tasks = sorted(set().union(*(s["by_task"] for s in scores)))
+    rows = []
+    for task in ["all", *tasks]:
+        for metric in METRICS:
+            base = scores[0]["overall"] if task == "all" else scores[0]["by_task"].get(task)
+            base_mean = base[metric]["mean"] if base else float("nan")
+            for i, label in enumerate(labels):
+                s = scores[i]["overall"] if task == "all" else scores[i]["by_task"].get(task)
+                mean = s[metric]["mean"] if s else float("nan")
+                row = {"task": task, "metric": metric, "run": label, "mean": mean}
+                row["rel_gain"] = (mean - base_mean) / base_mean if i and base_mean and base_mean > 0 else None
+                if i:
+                    shared = [k for k in per[0] if k in per[i] and (task == "all" or per[0][k]["task"] == task)]
+                    a = [per[0][k][metric] for k in shared]
+                    b = [per[i][k][metric] for k in shared]
+                    row["p_value"] = paired_bootstrap_pvalue(a, b, seed=seed) if shared else None
+                    row["n_paired"] = len(shared)
+                rows.append(row)
+    return {"labels": labels, "eval_dirs": [str(d) for d in eval_dirs], "rows": rows}
+
+
+def render_comparison(comparison: dict[str, Any]) -> str:
+    """The comparison as a Markdown table (scores x100, gains in %)."""
+    labels = comparison["labels"]
+    head = ["task", "metric", *labels] + [f"gain {lab} vs {labels[0]} (p)" for lab in labels[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in comparison["rows"]:
+        by_key.setdefault((row["task"], row["metric"]), []).append(row)
+    for (task, metric), rows in by_key.items():
+        cells = [task, METRIC_NAMES[metric], *(_fmt(r["mean"]) for r in rows)]
+        for r in rows[1:]:
+            gain = f"{100 * r['rel_gain']:+.1f}%" if r.get("rel_gain") is not None else "n/a"
+            p = f"{r['p_value']:.3f}" if r.get("p_value") is not None else "n/a"
+            cells.append(f"{gain} (p={p})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cross_task_matrix(runs: dict[str, list[Path]], metric: str = "meteor") -> dict[str, dict[str, float]]:
+    """run label -> eval task -> mean `metric`, over every evaluation directory of each run."""
+    matrix: dict[str, dict[str, float]] = {}
+    for label, dirs in runs.items():
+        for d in dirs:
+            scores = json.loads((d / "scores.json").read_text())
+            if scores.get("meta", {}).get("ablated"):
+                continue
+            for task, s in scores["by_task"].items():
+                matrix.setdefault(label, {})[task] = s[metric]["mean"]
+    return matrix
+
+
+def render_matrix(matrix: dict[str, dict[str, float]], metric: str = "meteor") -> str:
+    """The cross-task matrix as Markdown: rows = runs, columns = evaluated tasks."""
+    tasks = sorted(set().union(*matrix.values())) if matrix else []
+    lines = [
+        f"| run \\ eval task ({METRIC_NAMES[metric]}) | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for label, row in matrix.items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(t, float("nan"))) for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_training_curves(run_dirs: list[Path], labels: list[str], out_png: Path) -> Path:
+    """loss, CE, mean PIR and personal-token ratio vs step, every run on the same axes (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(4 * len(CURVE_KEYS), 3.2))
+    for run_dir, label in zip(run_dirs, labels):
+        path = run_dir / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        for ax, key in zip(axes, CURVE_KEYS):
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=label)
+    for ax, key in zip(axes, CURVE_KEYS):
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def plot_pir_histograms(groups: dict[str, np.ndarray], out_png: Path, title: str = "PIR per response token") -> Path:
+    """Overlaid PIR histograms, one per labelled group (e.g. persona vs other tokens, before vs after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    finite = [np.asarray(v)[np.isfinite(v)] for v in groups.values()]
+    allv = np.concatenate(finite) if finite else np.zeros(1)
+    bins = np.linspace(float(allv.min(initial=0.0)), float(allv.max(initial=1.0)) + 1e-6, 50)
+    for (label, _), values in zip(groups.items(), finite):
+        if values.size:
+            ax.hist(values, bins=bins, alpha=0.5, density=True, label=f"{label} (n={values.size})")
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("PIR = log P(y|profile, x) - log P(y|x)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,240 @@
+"""Which tokens does PIR mark as personal? Per-token views of a run, before and after training.
+
+PIR_i = log P(y_i | profile, x, y_<i) - log P(y_i | x, y_<i), computed exactly as in training
+(PerceLM + collate: shared response ids, left-padded prompts). Outputs in <run>/insight/:
+index.html (response tokens coloured by PIR, the profile beside them), insight.json (top personal
+tokens per task; on tasks with ground truth — the synthetic one — precision/recall/F1 of
+"PIR > threshold" vs the persona-token mask, the best threshold, and the F1 of a random marking
+with the same positive rate), pir_hist.png.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perce_ds.data.collate import collate
+from perce_ds.data.prompts import TokenizedExample
+from perce_ds.model import PerceLM
+
+
+@torch.no_grad()
+def token_pir(lm: Any, examples: list[TokenizedExample], pad_id: int, batch_size: int = 8) -> list[np.ndarray]:
+    """PIR of every response token (EOS included) of each example, with a plain (unsharded) model."""
+    module = PerceLM(lm).eval()
+    device = next(lm.parameters()).device
+    out: list[np.ndarray] = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id).to(device)
+        logps = []
+        for inputs in (batch.conditioned, batch.ablated):
+            logps.append(
+                module(inputs.input_ids, inputs.attention_mask, batch.response_ids, batch.response_mask)["logp"]
+            )
+        out.extend(split_rows((logps[0] - logps[1]).double().cpu(), batch.response_mask.cpu()))
+    return out
+
+
+def split_rows(flat: torch.Tensor, response_mask: torch.Tensor) -> list[np.ndarray]:
+    """Cut PerceLM's flat per-token output back into one array per row."""
+    lengths = response_mask.sum(1).tolist()
+    return [t.numpy() for t in torch.split(flat, lengths)]
+
+
+def marking_scores(pir: list[np.ndarray], truth: list[list[bool]], threshold: float) -> dict[str, float]:
+    """Precision, recall, F1 of "PIR > threshold" against ground-truth persona tokens, plus the random baseline.
+
+    `random_f1` is the expected F1 of marking each token at random with the same positive rate q:
+    precision = base rate p, recall = q, so F1 = 2pq / (p + q).
+    """
+    x = np.concatenate([np.asarray(p, dtype=np.float64) for p in pir]) if pir else np.zeros(0)
+    y = np.concatenate([np.asarray(t, dtype=bool) for t in truth]) if truth else np.zeros(0, dtype=bool)
+    pred = x > threshold
+    tp, fp, fn = float((pred & y).sum()), float((pred & ~y).sum()), float((~pred & y).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    base, q = float(y.mean()) if y.size else 0.0, float(pred.mean()) if pred.size else 0.0
+    random_f1 = 2 * base * q / (base + q) if base + q else 0.0
+    return {"threshold": threshold, "precision": precision, "recall": recall, "f1": f1,
+            "positive_rate": q, "base_rate": base, "random_f1": random_f1, "n_tokens": int(y.size)}  # fmt: skip
+
+
+def best_threshold(pir: list[np.ndarray], truth: list[list[bool]], n_candidates: int = 101) -> dict[str, float]:
+    """marking_scores at the threshold (over PIR quantiles and 0) with the highest F1."""
+    x = np.concatenate(pir) if pir else np.zeros(1)
+    candidates = np.unique(np.concatenate([np.quantile(x, np.linspace(0, 1, n_candidates)), [0.0]]))
+    return max((marking_scores(pir, truth, float(t)) for t in candidates), key=lambda s: s["f1"])
+
+
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's text as it appears in the decoded response (leading spaces kept)."""
+    out, prev = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[: i + 1], skip_special_tokens=False)
+        out.append(text[len(prev) :] if text.startswith(prev) else tokenizer.decode([ids[i]]))
+        prev = text
+    return out
+
+
+def top_personal_tokens(
+    tokens: list[list[str]], pir: list[np.ndarray], tasks: list[str], threshold: float, k: int = 20, min_count: int = 2
+) -> dict[str, list[tuple[str, int, float]]]:
+    """Per task, the k tokens with the highest mean PIR among those marked personal (PIR > threshold)
+    at least `min_count` times: (token, times marked, mean PIR over all its occurrences)."""
+    out: dict[str, list[tuple[str, int, float]]] = {}
+    for task in sorted(set(tasks)):
+        marked: Counter = Counter()
+        values: dict[str, list[float]] = {}
+        for toks, p, t in zip(tokens, pir, tasks):
+            if t != task:
+                continue
+            for tok, v in zip(toks, p):
+                if tok.strip():
+                    values.setdefault(tok.strip(), []).append(float(v))
+                    marked[tok.strip()] += int(v > threshold)
+        ranked = sorted(
+            ((tok, marked[tok], float(np.mean(v))) for tok, v in values.items() if marked[tok] >= min_count),
+            key=lambda x: -x[2],
+        )
+        out[task] = ranked[:k]
+    return out
+
+
+def _colour(v: float, scale: float = 3.0) -> str:
+    a = min(1.0, abs(v) / scale) if math.isfinite(v) else 0.0
+    return f"rgba(220,40,40,{a:.2f})" if v > 0 else f"rgba(40,90,220,{a:.2f})"
+
+
+def render_html(samples: list[dict[str, Any]], title: str, summary: dict[str, Any]) -> str:
+    """A self-contained page: per sample, the profile beside the response coloured by PIR (red > 0 > blue).
+
+    Each sample dict: record_id, task, profile (list of str), query, tokens, pir (list of float),
+    truth (list of bool or []), and optionally pir_before.
+    """
+    css = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}.rec{display:flex;gap:2em;border-top:1px solid #ccc;"
+        "padding:1em 0}.prof{flex:1;font-size:0.85em;color:#444}.resp{flex:2;line-height:1.9}"
+        "span.t{padding:1px 0;border-radius:3px;white-space:pre-wrap}span.gt{border-bottom:2px solid #000}"
+    )
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<p>Token colour: red = PIR &gt; 0 (the profile makes the token more likely), blue = PIR &lt; 0; "
+             "hover for the value. Underlined: ground-truth persona tokens (synthetic task).</p>",
+             f"<pre>{html.escape(json.dumps(summary, indent=1))}</pre>"]  # fmt: skip
+    for s in samples:
+        prof = "".join(f"<li>{html.escape(p)}</li>" for p in s["profile"])
+        for key, label in (("pir_before", "before training"), ("pir", "after training")):
+            if key not in s:
+                continue
+            toks = []
+            for i, (tok, v) in enumerate(zip(s["tokens"], s[key])):
+                gt = " gt" if s["truth"] and s["truth"][i] else ""
+                toks.append(
+                    f"<span class='t{gt}' style='background:{_colour(v)}' title='PIR {v:.3f}'>{html.escape(tok)}</span>"
+                )
+            parts.append(
+                f"<div class='rec'><div class='prof'><b>{html.escape(s['record_id'])}</b> ({html.escape(s['task'])})"
+                f"<br><i>{html.escape(s['query'])}</i><ul>{prof}</ul></div>"
+                f"<div class='resp'><b>{label}</b><br>{''.join(toks)}</div></div>"
+            )
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def _stage_summary(pir: list[np.ndarray], truth: list[list[bool]], threshold: float) -> dict[str, Any]:
+    x = np.concatenate(pir)
+    out: dict[str, Any] = {"pir_mean": float(x.mean()), "n_tokens": int(x.size)}
+    if any(truth):
+        y = np.concatenate([np.asarray(t, dtype=bool) for t in truth])
+        out["pir_mean_persona_tokens"] = float(x[y].mean()) if y.any() else None
+        out["pir_mean_other_tokens"] = float(x[~y].mean()) if (~y).any() else None
+        out["marking"] = marking_scores(pir, truth, threshold)
+        out["best"] = best_threshold(pir, truth)
+    return out
+
+
+def initial_model(cfg: Any, tokenizer: Any, before: str | None) -> tuple[Any, str]:
+    """The "before training" model and how it was obtained: --before, the pretrained start, or a re-init.
+
+    A from-scratch run (model.config) is rebuilt with train.seed outside ZeRO-3; its weights follow
+    the same distribution as the run's start but are not guaranteed identical (pass --before to be exact).
+    """
+    from perce_ds.model import build_causal_lm
+
+    if before:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(before, dtype=torch.float32).eval(), f"--before {before}"
+    if cfg.model.name_or_path:
+        from transformers import AutoModelForCausalLM
+
+        path = cfg.model.name_or_path
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), f"pretrained start {path}"
+    torch.manual_seed(cfg.train.seed)
+    lm = build_causal_lm(cfg.model, tokenizer, torch.float32, "sdpa")
+    return lm.eval(), f"re-initialised from model.config with seed {cfg.train.seed} (approximate start)"
+
+
+def run_insight(
+    run_dir: Path, model: str | None = None, before: str | None = None, split: str = "eval",
+    n_samples: int = 8, threshold: float = 0.0, limit: int = 0, with_before: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Compute per-token PIR for a run's split (after, and before, training); write <run>/insight/; return the summary."""
+    from perce_ds.evaluation import runs
+    from perce_ds.evaluation.report import plot_pir_histograms
+
+    cfg = runs.load_run_config(run_dir)
+    model_dir = runs.resolve_model_dir(run_dir, model)
+    from perce_ds.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    records = runs.split_records(cfg, split)
+    records = records[:limit] if limit else records
+    examples, _ = runs.tokenize_for_eval(records, tokenizer, runs.prompt_settings(cfg))
+    truth = [e.persona_token_mask for e in examples]
+    lm = runs.load_plain_model(model_dir, torch.float32, torch.device("cpu"))
+    pir_after = token_pir(lm, examples, tokenizer.pad_token_id)
+    summary: dict[str, Any] = {"run": run_dir.name, "split": split, "threshold": threshold, "model": str(model_dir)}
+    summary["after"] = _stage_summary(pir_after, truth, threshold)
+    pir_before = None
+    if with_before:
+        lm0, how = initial_model(cfg, tokenizer, before)
+        pir_before = token_pir(lm0, examples, tokenizer.pad_token_id)
+        summary["before"] = {"model": how, **_stage_summary(pir_before, truth, threshold)}
+    tokens = [token_strings(tokenizer, e.response_ids) for e in examples]
+    summary["top_personal_tokens"] = top_personal_tokens(tokens, pir_after, [r.task for r in records], threshold)
+
+    out = run_dir / "insight"
+    out.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, (r, e) in enumerate(zip(records[:n_samples], examples[:n_samples])):
+        from perce_ds.data.prompts import render_profile_item
+
+        s = {"record_id": r.record_id, "task": r.task, "query": r.query, "tokens": tokens[i],
+             "profile": [render_profile_item(it) for it in r.profile[: e.profile_items_kept]],
+             "pir": pir_after[i].tolist(), "truth": truth[i]}  # fmt: skip
+        if pir_before is not None:
+            s["pir_before"] = pir_before[i].tolist()
+        samples.append(s)
+    (out / "index.html").write_text(render_html(samples, f"PIR per token: {run_dir.name}", summary), encoding="utf-8")
+    (out / "insight.json").write_text(json.dumps(summary, indent=2))
+    groups: dict[str, np.ndarray] = {}
+    for stage, pir in (("after", pir_after), ("before", pir_before)):
+        if pir is None:
+            continue
+        x = np.concatenate(pir)
+        if any(truth):
+            y = np.concatenate([np.asarray(t, dtype=bool) for t in truth])
+            groups[f"{stage}: persona tokens"], groups[f"{stage}: other tokens"] = x[y], x[~y]
+        else:
+            groups[stage] = x
+    plot_pir_histograms(groups, out / "pir_hist.png", f"PIR per response token: {run_dir.name}")
+    return summary

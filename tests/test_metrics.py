@@ -1,0 +1,108 @@
+"""Metric values against published references, edge cases, and the statistics helpers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from perce_ds.evaluation import metrics
+from perce_ds.evaluation.report import score_generations, summarise_by_task
+
+# NLTK's documented METEOR example (nltk.translate.meteor_score docstring): 0.6944...
+HYP1 = "It is a guide to action which ensures that the military always obeys the commands of the party"
+REF1 = "It is a guide to action that ensures that the military will forever heed Party commands"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wordnet():
+    """METEOR tests must fail loudly (not skip) when WordNet is missing, naming the setup script."""
+    try:
+        metrics.ensure_wordnet()
+    except metrics.WordNetMissingError as e:
+        pytest.fail(f"WordNet is not installed: {e}. Run `bash launch/setup_wordnet.sh` (setup_env.sh does).")
+
+
+def test_meteor_reproduces_nltk_documented_example():
+    assert round(metrics.meteor(HYP1, REF1), 4) == 0.6944
+
+
+def test_meteor_uses_wordnet_synonyms():
+    # "puppy" -> "dog" needs WordNet synsets; without them METEOR would see only 2 of 3 words matched.
+    with_syn = metrics.meteor("the big dog", "the large dog")
+    exact = metrics.meteor("the big cat", "the large dog")
+    assert with_syn > exact
+    assert metrics.meteor("the large dog", "the large dog") > 0.9
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "r1", "rl"),
+    [
+        # identical after stemming: "cats" -> "cat"
+        ("the cats sat on the mat", "the cat sat on the mat", 1.0, 1.0),
+        # 3 of 4 unigrams shared both ways: P = R = 3/4; LCS "the cat mat" = 3
+        ("the cat on mat", "the cat sat mat", 0.75, 0.75),
+        # unigram overlap 2 ("a", "b") of 2 / 3: P = 1, R = 2/3 -> F = 0.8; LCS "a b" = 2 -> 0.8
+        ("a b", "a c b", 0.8, 0.8),
+        # same words reversed: ROUGE-1 = 1, LCS = 1 of 3 -> 1/3
+        ("c b a", "a b c", 1.0, 1 / 3),
+        ("completely different words", "nothing shared here", 0.0, 0.0),
+    ],
+)
+def test_rouge_hand_checked(prediction, reference, r1, rl):
+    got = metrics.rouge(prediction, reference)
+    assert got["rouge1"] == pytest.approx(r1, abs=1e-9)
+    assert got["rougeL"] == pytest.approx(rl, abs=1e-9)
+
+
+@pytest.mark.parametrize("empty", ["", "   \n", None])
+def test_empty_or_missing_generation_scores_zero_and_is_counted(empty):
+    scores = metrics.score_record(empty, "a real reference text")
+    assert scores == {"rouge1": 0.0, "rougeL": 0.0, "meteor": 0.0, "empty": 1.0}
+
+
+def test_missing_records_score_zero_and_are_counted():
+    refs = {"a": ("t1", "the cat sat"), "b": ("t1", "the dog ran"), "c": ("t2", "hello world")}
+    per = score_generations(refs, {"a": "the cat sat", "c": ""})
+    summary = summarise_by_task(per)
+    assert summary["overall"]["n_records"] == 3
+    assert summary["overall"]["n_missing"] == 1 and summary["overall"]["n_empty"] == 2  # missing counts as empty
+    assert summary["overall"]["rouge1"]["mean"] == pytest.approx(1 / 3)
+    assert summary["by_task"]["t2"]["meteor"]["mean"] == 0.0
+
+
+def test_unicode_and_very_long_outputs_do_not_crash():
+    uni = "Café naïve — 東京 🚀 résumé ünïcødé ‮ zero\u200bwidth"
+    for pred, ref in [(uni, uni), (uni, "plain reference"), ("plain", uni)]:
+        s = metrics.score_record(pred, ref)
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in s.values())
+    long = " ".join(f"token{i % 97} word running" for i in range(4000))  # 12k tokens
+    s = metrics.score_record(long, "the word running in a long reference " * 5)
+    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in s.values())
+    assert s["rouge1"] > 0 and s["meteor"] > 0
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
+    x = np.random.default_rng(1).random(200)
+    lo, hi = metrics.bootstrap_ci(x, seed=3)
+    assert (lo, hi) == metrics.bootstrap_ci(x, seed=3)
+    assert lo < x.mean() < hi and hi - lo < 0.2
+    assert metrics.bootstrap_ci([0.5] * 10) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in metrics.bootstrap_ci([]))
+
+
+def test_summary_mean_is_the_plain_mean_not_a_bootstrap_statistic():
+    per = [{"rouge1": v, "rougeL": v, "meteor": v, "empty": 0.0} for v in (0.0, 0.1, 0.9)]
+    s = metrics.summarise(per)
+    assert s["meteor"]["mean"] == pytest.approx(1.0 / 3)
+
+
+def test_paired_bootstrap_pvalue():
+    rng = np.random.default_rng(0)
+    a = rng.random(100)
+    assert metrics.paired_bootstrap_pvalue(a, a) == 1.0
+    assert metrics.paired_bootstrap_pvalue(a, a + 0.2) < 0.01  # a consistent gain is significant
+    noisy = a + rng.normal(0, 0.3, 100) * 0.1 - 0.0
+    p = metrics.paired_bootstrap_pvalue(a, noisy, seed=1)
+    assert p == metrics.paired_bootstrap_pvalue(a, noisy, seed=1) and 0.0 < p <= 1.0
