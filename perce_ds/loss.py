@@ -18,7 +18,8 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     """log softmax(hidden @ weight.T)[target] for N rows, `chunk` rows at a time.
 
     The [N, vocab] logits never exist whole: forward keeps only the log-sum-exp per row and
-    backward recomputes each chunk's logits. Arithmetic after the matmul is fp32.
+    backward recomputes each chunk's logits. The chunk arithmetic runs in place on the logits
+    buffer (one fp32 [chunk, vocab] block live at a time; entropy needs a second). fp32 after the matmul.
     """
 
     @staticmethod
@@ -30,12 +31,21 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             logits = (hidden[start:end] @ weight.t()).float()
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            lse[start:end] = chunk_lse
-            logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
+            top = logits.amax(-1, keepdim=True)
+            target_logit = logits.gather(1, targets[start:end, None]).squeeze(1)
+            shifted = logits.sub_(top)  # z = logits - max, in place
             if with_entropy:
-                probs = torch.exp(logits - chunk_lse[:, None])
-                entropy[start:end] = chunk_lse - (probs * logits).sum(-1)
+                exp = shifted.exp()
+                total = exp.sum(-1)
+                # H = log S - sum(e^z * z) / S, with S = sum(e^z)
+                entropy[start:end] = total.log() - exp.mul_(shifted).sum(-1) / total
+                del exp
+                log_total = total.log()
+            else:
+                log_total = shifted.exp_().sum(-1).log_()
+            lse[start:end] = log_total + top.squeeze(1)
+            logp[start:end] = target_logit - lse[start:end]
+            del logits, shifted
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(entropy)
@@ -52,14 +62,14 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             end = min(start + ctx.chunk, hidden.shape[0])
             h = hidden[start:end]
             g_out = grad_logp[start:end].float()
-            logits = (h @ weight.t()).float()
-            # d logp / d logits = onehot(target) - softmax(logits)
-            g_logits = torch.exp(logits - lse[start:end, None]).mul_(-g_out[:, None])
+            # d logp / d logits = onehot(target) - softmax(logits), built in the logits buffer
+            g_logits = (h @ weight.t()).float().sub_(lse[start:end, None]).exp_().mul_(-g_out[:, None])
             g_logits.scatter_add_(1, targets[start:end, None], g_out[:, None])
             if need_hidden:
                 grad_hidden[start:end] = (g_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
                 grad_weight.addmm_(g_logits.t(), h.float())
+            del g_logits
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
