@@ -199,6 +199,7 @@ class Trainer:
     def _maybe_resume(self) -> None:
         path = self.resume_from
         if path is None:
+            self.metrics.truncate_after(0)  # a fresh start: rows of an earlier attempt in this run dir are stale
             return
         state = checkpoint.load_checkpoint(self.engine, path)
         self.start_step = int(state["step"])
