@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from perce_ds import checkpoint, estep
     from perce_ds.config import RunConfig
+    from perce_ds.distributed import shutdown
     from perce_ds.engine import Trainer
 
     overrides = parse_overrides(rest)
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_rank0:
         print(f"E-step: {index['records']} records -> {out} (fingerprint {index['fingerprint']})")
         print(f"M-step: --model.name_or_path {cfg.model.name_or_path} --model.config null --loss.weights_from {out}")
+    shutdown()
     return 0
 
 

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from perce_ds.distributed import shutdown
     from perce_ds.evaluation.evaluate import EvalOptions, evaluate_run
     from perce_ds.evaluation.generation import GenerationSettings
     from perce_ds.evaluation.runs import EvalInputError
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.run / "eval" / opts.output_name()
         print((out / "report.md").read_text())
         print(f"wrote {out}/report.md, scores.json, per_record.jsonl, generations.jsonl")
+    shutdown()
     return 0
 
 

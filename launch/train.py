@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(report))
         print(json.dumps(report))
         return 0
+    from perce_ds.distributed import shutdown
     from perce_ds.engine import Trainer
     from perce_ds.preemption import REQUEUE_EXIT_CODE
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = trainer.train()
     if trainer.is_rank0:
         print_summary(summary)
+    shutdown()
     return REQUEUE_EXIT_CODE if summary.get("requeue") else 0
 
 

@@ -15,3 +15,13 @@ def apply_slurm_env() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1"))
     os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def shutdown() -> None:
+    """Leave the process group together: a rank exiting while gloo/shm threads still serve the group can
+    abort in C++ teardown ("terminate called without an active exception") and turn a success into an error."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -27,7 +27,14 @@ from tests.launch_utils import (
     write_recipe,
 )
 
-SCRIPTS = sorted([*ROOT.glob("launch/**/*.sh"), *ROOT.glob("launch/**/*.sbatch"), *ROOT.glob("benchmarks/*.sh"), ROOT / ".ci" / "run"])
+SCRIPTS = sorted(
+    [
+        *ROOT.glob("launch/**/*.sh"),
+        *ROOT.glob("launch/**/*.sbatch"),
+        *ROOT.glob("benchmarks/*.sh"),
+        ROOT / ".ci" / "run",
+    ]
+)
 STUB = ROOT / "tests" / "slurm_stub"
 DEMO_SMALL = ["--data.synthetic.users", "4", "--data.synthetic.train_per_user", "4", "--data.synthetic.eval_per_user", "1",
               "--model.config.num_hidden_layers", "1", "--model.tokenizer_vocab_size", "400", "--train.micro_batch_size", "2",

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from perce_ds.config import RunConfig  # noqa: E402
 from perce_ds.data.pipeline import data_files  # noqa: E402
 from perce_ds.data.sources import load_many  # noqa: E402
+from perce_ds.distributed import shutdown  # noqa: E402
 from perce_ds.engine import Trainer  # noqa: E402
 from perce_ds.evaluation.demo import demo_evaluation  # noqa: E402
 
@@ -38,6 +39,7 @@ def main() -> None:
     Path(args.out, f"rank{trainer.rank}.json").write_text(json.dumps(demo))
     if trainer.is_rank0:
         print(demo["summary_lines"])
+    shutdown()
 
 
 if __name__ == "__main__":

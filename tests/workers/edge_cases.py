@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from perce_ds import loss  # noqa: E402
 from perce_ds.config import RunConfig  # noqa: E402
+from perce_ds.distributed import shutdown  # noqa: E402
 from perce_ds.engine import NonFiniteLossError, Trainer  # noqa: E402
 
 POISON = {"on": False}
@@ -120,6 +121,7 @@ def main() -> None:
     out["stopped_at"] = stopped_at
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(out))
+    shutdown()
 
 
 if __name__ == "__main__":

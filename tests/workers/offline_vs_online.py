@@ -21,6 +21,7 @@ from perce_ds.cli import parse_overrides  # noqa: E402
 from perce_ds.config import RunConfig  # noqa: E402
 from perce_ds.data.collate import collate  # noqa: E402
 from perce_ds.data.order import shard_batches  # noqa: E402
+from perce_ds.distributed import shutdown  # noqa: E402
 from perce_ds.engine import Trainer  # noqa: E402
 from perce_ds.loss import token_weights  # noqa: E402
 
@@ -49,6 +50,7 @@ def main() -> None:
             n += online.numel()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{trainer.rank}.json").write_text(json.dumps({"max_abs_diff": worst, "tokens": n}))
+    shutdown()
 
 
 if __name__ == "__main__":
