@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+
+import torch
 
 
 def apply_slurm_env() -> None:
@@ -15,6 +18,23 @@ def apply_slurm_env() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1"))
     os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_process_group(timeout_s: int) -> None:
+    """Join the launcher's process group through DeepSpeed (nccl on GPU, gloo on CPU).
+
+    On CPU, DeepSpeed also JIT-builds a shared-memory all-reduce op and maps a ~67 MB segment per rank in
+    /dev/shm that it never unlinks. The op serves only tensor-parallel inference (`inference_all_reduce`),
+    which this recipe never calls, while the segments outlive every run: a few hundred launches fill a
+    RAM-backed tmpfs and later launches hang. So the op is turned off here and gloo does all the work.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:

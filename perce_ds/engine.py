@@ -17,7 +17,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from perce_ds.config import RunConfig
 from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
 from perce_ds.data.order import DataOrder, shard_batches
 from perce_ds.data.pipeline import PreparedData, prepare_data
-from perce_ds.distributed import apply_slurm_env
+from perce_ds.distributed import apply_slurm_env, init_process_group
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
 from perce_ds.logging_utils import MetricsLogger, setup_logging
@@ -81,18 +80,13 @@ class Trainer:
     """Set up data, model and engine for a RunConfig; `train()` runs it to the end."""
 
     def __init__(self, cfg: RunConfig, ds_config_path: str | Path, inference_only: bool = False):
-        import deepspeed
-
         self.cfg = cfg
         self.inference_only = inference_only  # E-step jobs: no optimizer states, no checkpoints
         apply_slurm_env()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            deepspeed.init_distributed(
-                dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                timeout=timedelta(seconds=cfg.train.dist_timeout_s),
-            )
+            init_process_group(cfg.train.dist_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         self.device = (

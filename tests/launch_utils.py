@@ -38,6 +38,12 @@ def run_deepspeed(script: Path, args: list[str], nproc: int, timeout: int = 300)
     return proc
 
 
+def leftover_shm_segments(proc: subprocess.CompletedProcess) -> list[Path]:
+    """DeepSpeed's CPU shared-memory all-reduce segments named after this launch's master port."""
+    port = proc.args[proc.args.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -21,6 +21,7 @@ from tests.launch_utils import (
     ROOT,
     build_tiny_setup,
     check,
+    leftover_shm_segments,
     load_safetensors,
     read_jsonl,
     recipe,
@@ -51,7 +52,9 @@ def test_one_zero3_step_equals_plain_pytorch(setup, layout):
     spec = recipe(setup, name)
     spec["data"]["packing"] = layout.get("packing", False)
     spec["loss"]["fused_passes"] = layout.get("fused_passes", False)
-    check(train(setup["root"], spec, 2, setup["sgd"]))
+    proc = check(train(setup["root"], spec, 2, setup["sgd"]))
+    # No RAM-backed /dev/shm segment outlives the run (they piled up to 20 GB over a test suite).
+    assert leftover_shm_segments(proc) == []
     cfg = RunConfig.load(write_recipe(setup["root"] / f"{name}.yaml", spec))
     examples, _ = tokenize_split([str(setup["train"])], load_tokenizer(setup["model"]), cfg)
     order = DataOrder(len(examples), 2, 2, 1, cfg.train.seed)

@@ -12,13 +12,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from perce_ds.distributed import init_process_group
 from perce_ds.evaluation import report, runs
 from perce_ds.evaluation.generation import GenerationSettings, read_generations, run_generation, texts_by_id
 from perce_ds.evaluation.metrics import ensure_wordnet
@@ -59,14 +59,10 @@ def init_dist(timeout_s: int, needed: bool) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or needed:
-        import deepspeed
-
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        deepspeed.init_distributed(
-            dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s)
-        )
+        init_process_group(timeout_s)
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
