@@ -65,7 +65,7 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, An
     if rank0 and (ckpt_root / tmp_tag).exists():
         shutil.rmtree(ckpt_root / tmp_tag)  # debris of an earlier kill
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, client_state={"perce": state}, save_latest=False)
+    engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, save_latest=False)  # our state: perce_state.json
     dist.barrier()
     if rank0:
         (ckpt_root / tmp_tag / "perce_state.json").write_text(json.dumps(state, indent=2))

@@ -116,9 +116,9 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.model.dtype)
         self.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation)
         log.info("attention: %s, dtype: %s, world size: %d", self.attn_implementation, self.dtype, self.world)
+        self.ckpt_root = self.run_dir / "checkpoints"
         self.engine, self.module = self._build_engine(ds_config_path)
 
-        self.ckpt_root = self.run_dir / "checkpoints"
         self.metrics = MetricsLogger(self.run_dir, self.is_rank0, cfg.train.tensorboard)
         self.start_step = 0
         self.nonfinite_in_a_row = 0
@@ -178,7 +178,7 @@ class Trainer:
 
     def _resume_checkpoint(self) -> Path | None:
         """The checkpoint to resume from; one written by another world size must be universal."""
-        path = checkpoint.find_resume_checkpoint(self.run_dir / "checkpoints", self.cfg.train.resume)
+        path = checkpoint.find_resume_checkpoint(self.ckpt_root, self.cfg.train.resume)
         if path is None:
             return None
         state = checkpoint.read_state(path)
@@ -378,8 +378,7 @@ class Trainer:
         self.module.set_activation_checkpointing(False)
         sums = torch.zeros(6, dtype=torch.float64)
         for idx, keep in shard_batches(len(examples), self.rank, self.world, self.cfg.train.micro_batch_size):
-            batch = collate([examples[i] for i in idx], self.tokenizer.pad_token_id)
-            batch.response_mask &= torch.tensor(keep)[:, None]
+            batch = collate([examples[i] for i in idx], self.tokenizer.pad_token_id, scored=keep)
             batch = batch.to(self.device)
             cond = self._forward(batch.conditioned, batch)["logp"].double().cpu()
             abl = self._forward(batch.ablated, batch)["logp"].double().cpu()

@@ -94,8 +94,7 @@ def estimate(trainer: Any, out_dir: Path, print_every: int = 50) -> dict[str, An
     trainer.module.set_activation_checkpointing(False)
     batches = shard_batches(len(examples), rank, world, cfg.train.micro_batch_size)
     for idx, keep in tqdm(batches, disable=not trainer.is_rank0, desc="E-step"):
-        batch = collate([examples[i] for i in idx], trainer.tokenizer.pad_token_id)
-        batch.response_mask &= torch.tensor(keep)[:, None]  # padding rows: run, but score nothing
+        batch = collate([examples[i] for i in idx], trainer.tokenizer.pad_token_id, scored=keep)
         batch = batch.to(trainer.device)
         _, stats = trainer.token_stats(batch, step=0, micro=0)
         weights = token_weights(stats, cfg.loss)

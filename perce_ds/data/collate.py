@@ -92,8 +92,13 @@ def _packed_pass(prompts: list[list[int]], responses: list[list[int]], width: in
     return PassInputs(torch.tensor([ids]), None, torch.tensor([positions]), predict)
 
 
-def collate(examples: list[TokenizedExample], pad_id: int, packed: bool = False) -> MicroBatch:
-    """Stack examples into one MicroBatch (an empty list gives a batch with no rows)."""
+def collate(
+    examples: list[TokenizedExample], pad_id: int, packed: bool = False, scored: list[bool] | None = None
+) -> MicroBatch:
+    """Stack examples into one MicroBatch (an empty list gives a batch with no rows).
+
+    Rows with `scored` False still run through both passes (every rank must run the same passes) but
+    have no response tokens counted: they pad a rank's shard to the common number of micro-batches."""
     width = max((len(e.response_ids) for e in examples), default=0)
     response = torch.full((len(examples), width), pad_id, dtype=torch.long)
     response_mask = torch.zeros((len(examples), width), dtype=torch.bool)
@@ -111,6 +116,8 @@ def collate(examples: list[TokenizedExample], pad_id: int, packed: bool = False)
     else:
         conditioned = _pass(cond_prompts, response, response_mask, pad_id)
         ablated = _pass(abl_prompts, response, response_mask, pad_id)
+    if scored is not None:
+        response_mask &= torch.tensor(scored, dtype=torch.bool)[:, None]
     return MicroBatch(
         record_ids=[e.record_id for e in examples],
         conditioned=conditioned,

@@ -80,19 +80,7 @@ def demo_evaluation(
 ) -> dict[str, Any]:
     """Score the live model on `examples` (the eval split); write <run_dir>/eval/demo/; return the numbers.
 
-    How the trainer calls it (every rank, same arguments; it is a sequence of collectives), after
-    training and before or after the HF export:
-
-        from perce_ds.data.pipeline import data_files
-        from perce_ds.data.sources import load_many
-        from perce_ds.evaluation.demo import demo_evaluation
-
-        records = load_many(data_files(self.cfg)[1])[0] if self.data.eval else None
-        demo = demo_evaluation(self.engine, self.module, self.tokenizer, self.data.eval, records,
-                               self.run_dir, self.rank, self.world, max_new_tokens=64)
-        summary["demo_eval"] = {k: v for k, v in demo.items() if k != "summary_lines"}
-        if self.is_rank0:
-            print(demo["summary_lines"])
+    Every rank calls it with the same arguments: it is a sequence of collectives (Trainer._generation_eval).
 
     `module` is the PerceLM given to deepspeed.initialize (its `.lm` is the HF model). `records`
     (matched by record_id) supply the reference texts and tasks; without them the reference is the

@@ -41,8 +41,7 @@ def main() -> None:
         for idx, keep in shard_batches(
             len(trainer.data.train), trainer.rank, trainer.world, trainer.cfg.train.micro_batch_size
         ):
-            batch = collate([trainer.data.train[i] for i in idx], trainer.tokenizer.pad_token_id)
-            batch.response_mask &= torch.tensor(keep)[:, None]
+            batch = collate([trainer.data.train[i] for i in idx], trainer.tokenizer.pad_token_id, scored=keep)
             _, stats = trainer.token_stats(batch, 0, 0)
             online = token_weights(stats, trainer.cfg.loss)
             offline, pir = stored.for_batch(batch)
