@@ -20,6 +20,8 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     The [N, vocab] logits never exist whole: forward keeps only the log-sum-exp per row and
     backward recomputes each chunk's logits. The chunk arithmetic runs in place on the logits
     buffer (one fp32 [chunk, vocab] block live at a time; entropy needs a second). fp32 after the matmul.
+    Backward walks vocabulary blocks of the same size, so the output embedding's gradient needs no
+    accumulator beyond itself.
     """
 
     @staticmethod
@@ -55,23 +57,30 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # fp32 accumulator: summing many bf16 partial products would lose the small ones.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            end = min(start + ctx.chunk, hidden.shape[0])
-            h = hidden[start:end]
-            g_out = grad_logp[start:end].float()
+        n, vocab = hidden.shape[0], weight.shape[0]
+        # Walk the vocabulary, not the tokens: each row block of grad_weight is then one matmul over all N
+        # tokens (fp32 accumulation inside it), written once in the weight's dtype. Walking the tokens needs a
+        # [V, H] fp32 accumulator (a bf16 one would lose the small partial sums): 1.5 GiB at Qwen3-4B size.
+        # The logits block keeps the forward's size: [N, V * chunk / N] = [chunk, V] elements.
+        vocab_chunk = max(1, -(-vocab * ctx.chunk // max(n, 1)))
+        g_out = grad_logp.float()
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        for start in range(0, vocab, vocab_chunk):
+            end = min(start + vocab_chunk, vocab)
+            w = weight[start:end]
             # d logp / d logits = onehot(target) - softmax(logits), built in the logits buffer
-            g_logits = (h @ weight.t()).float().sub_(lse[start:end, None]).exp_().mul_(-g_out[:, None])
-            g_logits.scatter_add_(1, targets[start:end, None], g_out[:, None])
+            g_logits = (hidden @ w.t()).float().sub_(lse[:, None]).exp_().mul_(-g_out[:, None])
+            rows = ((targets >= start) & (targets < end)).nonzero().squeeze(1)
+            g_logits[rows, targets[rows] - start] += g_out[rows]
+            g_logits = g_logits.to(weight.dtype)  # no copy in fp32; bf16 matmul inputs, fp32 accumulation
             if need_hidden:
-                grad_hidden[start:end] = (g_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden += (g_logits @ w).float()
             if need_weight:
-                grad_weight.addmm_(g_logits.t(), h.float())
+                torch.mm(g_logits.t(), hidden, out=grad_weight[start:end])
             del g_logits
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
+        if need_hidden:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None
 
 
