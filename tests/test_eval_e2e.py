@@ -109,3 +109,17 @@ def test_evaluate_compare_insight(trained, tmp_path):
             assert math.isfinite(summary[stage]["marking"][key])
         assert math.isfinite(summary[stage]["best"]["f1"])
     assert summary["top_personal_tokens"]["synthetic_persona"]
+
+
+def test_checkpoint_evaluates_like_the_exported_model(trained):
+    """--checkpoint (DeepSpeed's consolidated fp32 weights of checkpoints/step_N) == the hf/ export of that step."""
+    args = ["--max-new-tokens", "8", "--batch-size", "4"]
+    checkpoint = trained / "checkpoints" / "step_3"
+    check(run_python(EVALUATE, ["--run", str(trained), "--name", "from_hf", *args]))
+    check(run_python(EVALUATE, ["--run", str(trained), "--checkpoint", str(checkpoint), "--name", "from_ckpt", *args]))
+    hf, ckpt = (read_jsonl(trained / "eval" / name / "generations.jsonl") for name in ("from_hf", "from_ckpt"))
+    by_id = [{r["record_id"]: r["generation"] for r in rows} for rows in (hf, ckpt)]
+    assert len(by_id[0]) == 8 and by_id[0] == by_id[1]
+    scores = [json.loads((trained / "eval" / name / "scores.json").read_text()) for name in ("from_hf", "from_ckpt")]
+    assert scores[0]["overall"] == scores[1]["overall"]
+    assert json.loads((trained / "eval" / "from_ckpt" / "meta.json").read_text())["model_id"].startswith("checkpoint:")
