@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,12 +32,36 @@ def launch_env() -> dict[str, str]:
     return env
 
 
+def run_job(
+    cmd: list[str], timeout: int, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    """Run `cmd` in a process group of its own and, when it ends or times out, kill whatever is left of the
+    group: a launcher killed alone orphans its ranks, which keep ports, memory and cores for the rest of
+    the suite. A timeout fails the test with the output so far."""
+    with subprocess.Popen(
+        [str(c) for c in cmd], cwd=cwd, env=launch_env() if env is None else env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    ) as job:  # fmt: skip
+        try:
+            out, err = job.communicate(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            out, err = job.communicate()
+            timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    if timed_out:
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n--- stdout\n{out[-6000:]}\n"
+                             f"--- stderr\n{err[-6000:]}")  # fmt: skip
+    return subprocess.CompletedProcess(cmd, job.returncode, out, err)
+
+
 def run_deepspeed(script: Path, args: list[str], nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N script args` exactly as a user runs it (gloo on CPU)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
            "--master_port", str(free_port()), str(script), *args]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-    return proc
+    return run_job(cmd, timeout)
 
 
 def leftover_shm_segments(proc: subprocess.CompletedProcess) -> list[Path]:
@@ -188,5 +214,4 @@ def make_eval_run(run_dir: Path, users: int = 4, eval_per_user: int = 2, seed: i
 
 def run_python(script: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`python script args` in one plain process (no launcher)."""
-    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=launch_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return run_job([sys.executable, str(script), *args], timeout)

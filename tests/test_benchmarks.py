@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch_utils import ROOT, launch_env
+from tests.launch_utils import ROOT, launch_env, run_job
 
 STEP_COST_KEYS = ("scheme", "median_step_s", "ratio_to_ce", "floor_ratio", "peak_mem_bytes", "mem_ratio_to_ce")
 LOGPROB_KEYS = ("vocab", "method", "time_s", "peak_extra_bytes", "mem_reduction_vs_naive")
@@ -24,7 +24,7 @@ LOGPROB_KEYS = ("vocab", "method", "time_s", "peak_extra_bytes", "mem_reduction_
 def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     env = launch_env()
     env.pop("OMP_NUM_THREADS", None)  # the scripts split the cores themselves
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_job([sys.executable, *args], timeout, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 

@@ -6,12 +6,11 @@ import json
 import math
 import re
 import shlex
-import subprocess
 import sys
 
 import pytest
 
-from tests.launch_utils import ROOT, check, free_port, launch_env, read_jsonl
+from tests.launch_utils import ROOT, check, free_port, read_jsonl, run_job
 
 
 def readme_main_command() -> list[str]:
@@ -40,7 +39,7 @@ def test_readme_main_command_runs_demo(tmp_path):
     # The launcher inside .venv is this interpreter's deepspeed runner.
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()), *argv[1:],
            "--train.max_steps", "4", "--train.output_dir", str(tmp_path), "--train.save_every", "2"]  # fmt: skip
-    proc = check(subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600))
+    proc = check(run_job(cmd, timeout=600))
     run = tmp_path / "demo"
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -24,6 +24,7 @@ from tests.launch_utils import (
     read_jsonl,
     recipe,
     run_deepspeed,
+    run_job,
     write_recipe,
 )
 
@@ -71,7 +72,7 @@ def test_scripts_pass_bash_n_and_shellcheck():
 def test_dry_run_sizes_a_job(tmp_path):
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", "--world-size", "16", "--gpus-per-node", "8",
            *DEMO_SMALL, "--train.output_dir", str(tmp_path), "--train.grad_accum", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    proc = run_job(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["global_batch"] == 2 * 2 * 16
@@ -94,9 +95,7 @@ def test_sbatch_two_nodes_and_sigusr1_requeue_resume(setup, tmp_path):
     spec = recipe(setup, "slurm_straight", max_steps=10, lr=3e-3, lr_scheduler="cosine", max_grad_norm=1.0)
     straight = write_recipe(tmp_path / "straight.yaml", spec)
     env = slurm_env(tmp_path, STUB_NODES="2")
-    proc = subprocess.run(
-        ["sbatch", str(sbatch), str(straight)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_job(["sbatch", sbatch, straight], timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     assert jobs(tmp_path)[-1][1] == "COMPLETED", (tmp_path / "slurm").joinpath("job-1000.out").read_text()[-3000:]
     runs = setup["root"] / "runs"
@@ -134,7 +133,7 @@ def test_offline_em_two_rounds_and_weights_equal_online(tmp_path):
     env = slurm_env(tmp_path)
     em = ["bash", str(ROOT / "launch" / "slurm" / "em.sh"), str(ROOT / "recipes" / "demo.yaml"), "--rounds", "2",
           *DEMO_SMALL, "--train.output_dir", str(tmp_path / "runs")]  # fmt: skip
-    proc = subprocess.run(em, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_job(em, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     states = [j[1] for j in jobs(tmp_path)]
     assert states == ["COMPLETED"] * 4, (
@@ -148,7 +147,7 @@ def test_offline_em_two_rounds_and_weights_equal_online(tmp_path):
     index1 = json.loads((em_dir / "round_1" / "weights" / "index.json").read_text())
     assert index1["model"] == str(em_dir / "round_0" / "m" / "hf")  # E(1) scored with M(0)'s model
 
-    again = subprocess.run(em, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = run_job(em, timeout=300, env=env)
     assert again.returncode == 0 and again.stdout.count("already done") == 2 and len(jobs(tmp_path)) == 4
 
     weights = em_dir / "round_0" / "weights"
@@ -189,8 +188,7 @@ def test_universal_checkpoint_moves_from_2_ranks_to_1(setup, tmp_path):
     refused = run_deepspeed(train, ["--deepspeed", adam, "--recipe", str(one_path), "--train.resume", str(ckpt)], 1)
     assert refused.returncode != 0 and "convert_checkpoint.py" in refused.stdout + refused.stderr
 
-    conv = subprocess.run([sys.executable, str(ROOT / "launch" / "convert_checkpoint.py"), str(ckpt)], cwd=ROOT,
-                          env=launch_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    conv = run_job([sys.executable, ROOT / "launch" / "convert_checkpoint.py", ckpt], timeout=300)
     assert conv.returncode == 0, conv.stderr[-3000:]
     universal = runs / "two_ranks" / "checkpoints_universal" / "step_3"
     check(run_deepspeed(train, ["--deepspeed", adam, "--recipe", str(one_path), "--train.resume", str(universal)], 1))
@@ -247,7 +245,7 @@ def test_every_longlamp_recipe_passes_a_dry_run_on_fixtures(sp_tokenizer, tmp_pa
     env = launch_env() | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-c", DRY_RUN_ALL, str(ROOT / "tests" / "fixtures" / "longlamp"), str(tmp_path / "tok"),
            str(tmp_path / "runs"), *map(str, recipes)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_job(cmd, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, report in reports.items():
