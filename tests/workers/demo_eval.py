@@ -1,5 +1,5 @@
-"""2-rank worker: a short PerCE run (Trainer.train) on ZeRO-3, then demo_evaluation called exactly as its
-docstring tells the trainer to; each rank writes the returned dict to <out>/rank<R>.json."""
+"""2-rank worker: a short PerCE run (Trainer.train) on ZeRO-3, then demo_evaluation called with the arguments
+Trainer._generation_eval passes; each rank writes the returned dict to <out>/rank<R>.json."""
 
 from __future__ import annotations
 
