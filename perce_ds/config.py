@@ -138,6 +138,7 @@ class TrainConfig:
     stop_after: int = 0  # end this invocation (with a checkpoint) after N steps; the schedule still spans max_steps
     max_wall_time: float = 0.0  # seconds; like a SIGUSR1 when reached (checkpoint, exit for requeue); 0 = off
     log_every: int = 1
+    eval_every: int = 0  # steps between teacher-forced evaluations of the eval split; 0 = only at the end
     max_nonfinite_steps: int = 3  # consecutive refused steps before the run stops
     export_hf: bool = True
     save_init_model: bool = False  # export the starting model to <run>/hf_init (before/after insight)
@@ -205,7 +206,7 @@ class RunConfig:
         for key in ("micro_batch_size", "grad_accum", "epochs", "keep_last", "log_every", "dist_timeout_s"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
-        for key in ("max_steps", "save_every", "max_nonfinite_steps", "stop_after"):
+        for key in ("max_steps", "save_every", "eval_every", "max_nonfinite_steps", "stop_after"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
         if self.data.max_length < 8 or self.data.max_profile_tokens < 0:

@@ -442,6 +442,8 @@ class Trainer:
                     last = result.metrics
                     self.metrics.log(step, result.metrics, every=self.cfg.train.log_every)
                     bar.set_postfix(loss=f"{last['loss']:.4f}" if last.get("loss") is not None else "n/a")
+                if self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0 and step < self.total_steps:
+                    self._evaluate_and_log(step)  # the final one comes after the loop
                 if self._any_rank(stop.requested()):
                     break
                 if self.cfg.train.save_every and step % self.cfg.train.save_every == 0 and step < end:
@@ -455,9 +457,7 @@ class Trainer:
             )
             self.metrics.close()
             return self._summary(last) | {"stopped": reason, "stopped_at": step, "requeue": stop.reason is not None}
-        evaluation = self.evaluate()
-        if evaluation:
-            log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items() if v is not None))
+        evaluation = self._evaluate_and_log(step)
         if self.cfg.train.final_generation_eval and self.data.eval:
             evaluation |= self._generation_eval()
         if self.cfg.train.export_hf:
@@ -468,6 +468,12 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
         return summary
+
+    def _evaluate_and_log(self, step: int) -> dict[str, Any]:
+        evaluation = self.evaluate()
+        if evaluation:  # no eval split: nothing to log
+            self.metrics.log(step, evaluation, split="eval")
+        return evaluation
 
     def _generation_eval(self) -> dict[str, Any]:
         """Generate for the eval split and score it (ROUGE/METEOR, persona-token accuracy, PIR F1)."""

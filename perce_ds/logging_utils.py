@@ -27,39 +27,44 @@ def setup_logging(is_rank0: bool, log_file: Path | None = None) -> None:
         log.addHandler(file_handler)
 
 
+METRICS_FILES = {"train": "metrics.jsonl", "eval": "eval_metrics.jsonl"}
+
+
 class MetricsLogger:
-    """Appends one JSON object per logged step to <run>/metrics.jsonl and mirrors it to tensorboard."""
+    """Appends one JSON object per logged step to <run>/metrics.jsonl (training steps) or
+    <run>/eval_metrics.jsonl (evaluations), and mirrors it to tensorboard under train/ or eval/."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.paths = {split: run_dir / name for split, name in METRICS_FILES.items()}
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def log(self, step: int, metrics: dict[str, Any], every: int = 1) -> None:
+    def log(self, step: int, metrics: dict[str, Any], every: int = 1, split: str = "train") -> None:
         if not self.enabled or step % every:
             return
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
+        with self.paths[split].open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, step)
+                    self.writer.add_scalar(f"{split}/{key}", value, step)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step" and isinstance(v, float))
-        log.info("step %d: %s", step, shown)
+        log.info("%s %d: %s", "step" if split == "train" else "eval at step", step, shown)
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows past `step` (a resumed run logs those steps again)."""
-        if not self.enabled or not self.path.exists():
+        """Drop rows past `step` in every file (a resumed run logs those steps again)."""
+        if not self.enabled:
             return
-        rows = [
-            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-        ]
-        self.path.write_text("".join(row + "\n" for row in rows))
+        for path in self.paths.values():
+            if path.exists():
+                lines = path.read_text().splitlines()
+                kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -72,7 +77,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of a run's metrics.jsonl (for tests, reports and plots)."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a run's metrics.jsonl, or eval_metrics.jsonl with split="eval" (none when the file is missing)."""
+    path = Path(run_dir) / METRICS_FILES[split]
+    if not path.is_file():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

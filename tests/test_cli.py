@@ -38,7 +38,8 @@ def test_readme_main_command_runs_demo(tmp_path):
     argv = readme_main_command()
     # The launcher inside .venv is this interpreter's deepspeed runner.
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()), *argv[1:],
-           "--train.max_steps", "4", "--train.output_dir", str(tmp_path), "--train.save_every", "2"]  # fmt: skip
+           "--train.max_steps", "4", "--train.output_dir", str(tmp_path), "--train.save_every", "2",
+           "--train.eval_every", "2"]  # fmt: skip
     proc = check(run_job(cmd, timeout=600))
     run = tmp_path / "demo"
     rows = read_jsonl(run / "metrics.jsonl")
@@ -51,5 +52,10 @@ def test_readme_main_command_runs_demo(tmp_path):
     assert entries == ["step_2", "step_4"]  # keep_last=2, no .tmp- debris
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
+    evals = read_jsonl(run / "eval_metrics.jsonl")  # train.eval_every 2, then the final evaluation
+    assert [r["step"] for r in evals] == [2, 4]
+    assert evals[-1]["eval_ce"] == summary["eval"]["eval_ce"]  # the final row is the evaluation in summary.json
+    assert all(math.isfinite(r["eval_ce"]) and r["eval_ce_ablated"] > 0 for r in evals)
+    assert evals[0]["eval_ce"] != evals[1]["eval_ce"]  # the model changed between the two evaluations
     assert f"run directory: {run}" in proc.stdout
     assert "mean PIR on persona tokens" in proc.stdout

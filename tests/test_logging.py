@@ -22,6 +22,19 @@ def test_metrics_rows_log_every_and_truncate(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def test_eval_rows_go_to_their_own_file_and_truncate_with_the_rest(tmp_path):
+    sink = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    for step in range(1, 5):
+        sink.log(step, {"loss": 1.0})
+        if step % 2 == 0:
+            sink.log(step, {"eval_ce": 2.0 / step}, split="eval")
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert read_metrics(tmp_path, "eval") == [{"step": 2, "eval_ce": 1.0}, {"step": 4, "eval_ce": 0.5}]
+    sink.truncate_after(3)  # a resume from step 3 replays step 4, its evaluation included
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path, "eval")] == [2]
+
+
 def test_disabled_sink_writes_nothing(tmp_path):
     sink = MetricsLogger(tmp_path, enabled=False, tensorboard=False)
     sink.log(1, {"loss": 1.0})

@@ -16,9 +16,17 @@ from typing import Any
 import numpy as np
 
 from perce_ds.evaluation.metrics import METRICS, ROUGE_STEMMING, paired_bootstrap_pvalue, score_record, summarise
+from perce_ds.logging_utils import METRICS_FILES, read_metrics
 
 METRIC_NAMES = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "meteor": "METEOR"}
-CURVE_KEYS = ("loss", "ce", "pir_mean", "personal_ratio")
+# (metrics split, key): training-step rows, then the eval split's teacher-forced CE (train.eval_every + the final one)
+CURVE_KEYS = (
+    ("train", "loss"),
+    ("train", "ce"),
+    ("train", "pir_mean"),
+    ("train", "personal_ratio"),
+    ("eval", "eval_ce"),
+)
 
 
 def score_generations(references: dict[str, tuple[str, str]], generations: dict[str, str]) -> list[dict[str, Any]]:
@@ -157,7 +165,7 @@ def render_matrix(matrix: dict[str, dict[str, float]], metric: str = "meteor") -
 
 
 def plot_training_curves(run_dirs: list[Path], labels: list[str], out_png: Path) -> Path:
-    """loss, CE, mean PIR and personal-token ratio vs step, every run on the same axes (PNG)."""
+    """loss, CE, mean PIR, personal-token ratio and eval CE vs step, every run on the same axes (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,13 +173,12 @@ def plot_training_curves(run_dirs: list[Path], labels: list[str], out_png: Path)
 
     fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(4 * len(CURVE_KEYS), 3.2))
     for run_dir, label in zip(run_dirs, labels):
-        path = run_dir / "metrics.jsonl"
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-        for ax, key in zip(axes, CURVE_KEYS):
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        rows = {split: read_metrics(run_dir, split) for split in METRICS_FILES}
+        for ax, (split, key) in zip(axes, CURVE_KEYS):
+            pts = [(r["step"], r[key]) for r in rows[split] if isinstance(r.get(key), (int, float))]
             if pts:
-                ax.plot(*zip(*pts), label=label)
-    for ax, key in zip(axes, CURVE_KEYS):
+                ax.plot(*zip(*pts), marker="o" if split == "eval" else None, markersize=3, label=label)
+    for ax, (_, key) in zip(axes, CURVE_KEYS):
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
