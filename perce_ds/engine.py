@@ -101,6 +101,8 @@ class Trainer:
 
         self.data: PreparedData = prepare_data(cfg, self.is_rank0, dist.barrier)
         self.tokenizer = self.data.tokenizer
+        if cfg.train.eval_every and not self.data.eval:
+            log.warning("train.eval_every=%d but the eval split is empty: nothing to evaluate", cfg.train.eval_every)
         self.order = DataOrder(
             len(self.data.train), self.world, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seed
         )
