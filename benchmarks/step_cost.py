@@ -25,7 +25,7 @@ How it is measured
   MALLOC_MMAP_THRESHOLD_=65536 so freed buffers go back to the OS and RSS follows live memory.
   The timing job also records each step's transient (peak minus memory at the step's start).
 * **Where the time goes** (`breakdown`): a few extra rounds after the timed ones with wrappers around
-  `Trainer._forward` (ablated pass = the one run under no_grad), `engine.backward`, `engine.step`,
+  `PerceLM.pass_logprobs` (ablated pass = the one run under no_grad), `engine.backward`, `engine.step`,
   DeepSpeed's ZeRO-3 `fetch_sub_module`/`release_sub_module` (all-gather and its bookkeeping, attributed
   to the phase that triggered it) and the chunked log-prob head (forward and its autograd backward);
   `other` = step time minus the phases (collate, metrics, all-reduces of counts/stats, Python).
@@ -257,6 +257,7 @@ def instrumented(trainers: dict[str, Any], timer: PhaseTimer) -> Iterator[None]:
         (PartitionedParameterCoordinator, "release_sub_module"): PartitionedParameterCoordinator.release_sub_module,
     }
     saved_head, saved_bwd = model_mod.chunked_token_logprobs, _ChunkedTokenLogprob.backward
+    saved_pass = model_mod.PerceLM.pass_logprobs
     PartitionedParameterCoordinator.fetch_sub_module = timer.wrap(
         saved_class[(PartitionedParameterCoordinator, "fetch_sub_module")], "zero3_fetch"
     )
@@ -265,8 +266,10 @@ def instrumented(trainers: dict[str, Any], timer: PhaseTimer) -> Iterator[None]:
     )
     model_mod.chunked_token_logprobs = timer.wrap(saved_head, "logprob_head")
     _ChunkedTokenLogprob.backward = staticmethod(timer.wrap(saved_bwd, "logprob_head_bwd"))
+    model_mod.PerceLM.pass_logprobs = timer.wrap(
+        saved_pass, lambda *a, **k: "cond_fwd" if torch.is_grad_enabled() else "ablated_fwd"
+    )
     for t in trainers.values():
-        t._forward = timer.wrap(t._forward, lambda *a, **k: "cond_fwd" if torch.is_grad_enabled() else "ablated_fwd")
         t.engine.backward = timer.wrap(t.engine.backward, "backward")
         t.engine.step = timer.wrap(t.engine.step, "optimizer_step")
         if getattr(t, "offline", None) is not None:
@@ -278,9 +281,8 @@ def instrumented(trainers: dict[str, Any], timer: PhaseTimer) -> Iterator[None]:
             setattr(cls, name, fn)
         model_mod.chunked_token_logprobs = saved_head
         _ChunkedTokenLogprob.backward = staticmethod(saved_bwd)
+        model_mod.PerceLM.pass_logprobs = saved_pass
         for t in trainers.values():
-            for name in ("_forward",):
-                vars(t).pop(name, None)
             for name in ("backward", "step"):
                 vars(t.engine).pop(name, None)
             if getattr(t, "offline", None) is not None:

@@ -216,17 +216,20 @@ class Trainer:
         return values.cpu()
 
     def _forward(
-        self, inputs: PassInputs, batch: MicroBatch, with_entropy: bool = False, response: tuple | None = None
+        self,
+        inputs: PassInputs,
+        batch: MicroBatch,
+        with_entropy: bool = False,
+        response: tuple | None = None,
+        ablated: PassInputs | None = None,
     ) -> dict[str, torch.Tensor | None]:
         response_ids, response_mask = response or (batch.response_ids, batch.response_mask)
         return self.engine(
-            input_ids=inputs.input_ids,
-            attention_mask=inputs.attention_mask,
             response_ids=response_ids,
             response_mask=response_mask,
             with_entropy=with_entropy,
-            position_ids=inputs.position_ids,
-            predict_index=inputs.predict_index,
+            ablated=None if ablated is None else ablated.as_kwargs(),
+            **inputs.as_kwargs(),
         )
 
     def _rng(self, step: int, micro: int) -> torch.Generator:
@@ -235,7 +238,6 @@ class Trainer:
 
     def token_stats(self, batch: MicroBatch, step: int, micro: int) -> tuple[torch.Tensor, TokenStats]:
         """E-step for one micro-batch: returns (logp_cond with grad, detached statistics)."""
-        logp_abl = None
         if self.run_ablated and self.cfg.loss.fused_passes:
             # One forward over both passes (one ZeRO-3 all-gather); the ablated half is detached, so
             # its activations are kept and backpropagated through for nothing: the trade-off.
@@ -246,12 +248,10 @@ class Trainer:
             return logp, TokenStats(
                 logp.detach(), batch.seq_ids(), out["logp"][n:].detach(), entropy, self._rng(step, micro)
             )
-        if self.run_ablated:
-            self.module.set_activation_checkpointing(False)
-            with torch.no_grad():  # never inference_mode: its tensors break a later ZeRO-3 backward
-                logp_abl = self._forward(batch.ablated, batch)["logp"]
-            self.module.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
-        out = self._forward(batch.conditioned, batch, with_entropy=self.scheme.needs_entropy)
+        # The ablated pass (no grad, no checkpointing) runs first, inside the same engine call: see PerceLM.forward.
+        ablated = batch.ablated if self.run_ablated else None
+        out = self._forward(batch.conditioned, batch, with_entropy=self.scheme.needs_entropy, ablated=ablated)
+        logp_abl = out.get("logp_ablated")
         stats = TokenStats(out["logp"].detach(), batch.seq_ids(), logp_abl, out["entropy"], self._rng(step, micro))
         return out["logp"], stats
 
@@ -382,8 +382,8 @@ class Trainer:
         for idx, keep in shard_batches(len(examples), self.rank, self.world, self.cfg.train.micro_batch_size):
             batch = collate([examples[i] for i in idx], self.tokenizer.pad_token_id, scored=keep)
             batch = batch.to(self.device)
-            cond = self._forward(batch.conditioned, batch)["logp"].double().cpu()
-            abl = self._forward(batch.ablated, batch)["logp"].double().cpu()
+            out = self._forward(batch.conditioned, batch, ablated=batch.ablated)
+            cond, abl = out["logp"].double().cpu(), out["logp_ablated"].double().cpu()
             persona = batch.persona_mask[batch.response_mask].cpu()
             pir = cond - abl
             sums += torch.tensor([

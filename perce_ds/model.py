@@ -111,6 +111,7 @@ class PerceLM(nn.Module):
         with_entropy: bool = False,
         position_ids: torch.Tensor | None = None,
         predict_index: torch.Tensor | None = None,
+        ablated: dict[str, torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Log-probs of the real response tokens.
 
@@ -119,7 +120,39 @@ class PerceLM(nn.Module):
         position_ids [1, total], predict_index [B, R] the flat position predicting each response
         token. Returns {"logp": [N] fp32, "entropy": [N] or None} in row-major order of
         response_mask's True entries.
+
+        `ablated` (input_ids, attention_mask, position_ids, predict_index of the persona-ablated pass, same
+        response) adds "logp_ablated": computed first, without grad or activation checkpointing. Both passes
+        in one call make one ZeRO-3 step: with two engine calls, DeepSpeed restarts its prefetch trace at
+        each, records only the ablated forward, finds the backward longer and drops the trace, so the
+        backward and the ablated forward never prefetch (and every layer is gathered once per pass).
         """
+        out: dict[str, torch.Tensor | None] = {}
+        if ablated is not None:
+            checkpointing = self.lm.is_activation_checkpointing
+            self.set_activation_checkpointing(False)  # nothing to save without grad
+            with torch.no_grad():  # never inference_mode: its tensors break a later ZeRO-3 backward
+                out["logp_ablated"] = self.pass_logprobs(
+                    response_ids=response_ids, response_mask=response_mask, **ablated
+                )[0]
+            self.set_activation_checkpointing(checkpointing)
+        logp, entropy = self.pass_logprobs(
+            input_ids, attention_mask, position_ids, predict_index, response_ids, response_mask, with_entropy
+        )
+        return {"logp": logp, "entropy": entropy, **out}
+
+    def pass_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        predict_index: torch.Tensor | None,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass: (logp, entropy or None) of the real response tokens (layouts as in `forward`). Call it
+        inside `forward` only: under ZeRO-3 the output embedding is gathered by this module's forward."""
         if attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)
         hidden = (
@@ -132,14 +165,13 @@ class PerceLM(nn.Module):
             selected = hidden[:, -(response_ids.shape[1] + 1) : -1][response_mask]
         else:
             selected = hidden.flatten(0, 1)[predict_index[response_mask]]
-        logp, entropy = chunked_token_logprobs(
+        return chunked_token_logprobs(
             selected,
             self.lm.get_output_embeddings().weight,
             response_ids[response_mask],
             self.logprob_chunk_size,
             with_entropy,
         )
-        return {"logp": logp, "entropy": entropy}
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Checkpoint the grad pass only: the no-grad ablated pass has nothing to save."""

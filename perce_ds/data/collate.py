@@ -29,6 +29,11 @@ class PassInputs:
         return PassInputs(*(t.to(device) if t is not None else None for t in
                             (self.input_ids, self.attention_mask, self.position_ids, self.predict_index)))  # fmt: skip
 
+    def as_kwargs(self) -> dict[str, torch.Tensor | None]:
+        """This pass's tensors as PerceLM.forward keywords (also the form of its `ablated` argument)."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids, "predict_index": self.predict_index}  # fmt: skip
+
     @property
     def n_tokens(self) -> int:
         """Real (non-padding) tokens in this pass."""

@@ -38,11 +38,8 @@ def _teacher_forced(engine: Any, module: Any, examples: list[TokenizedExample], 
     out = []
     for idx, keep in shard_batches(len(examples), rank, world, mb):  # padding rows: scored, then discarded
         batch = collate([examples[i] for i in idx], pad_id).to(device)
-        logp = [
-            engine(input_ids=p.input_ids, attention_mask=p.attention_mask, response_ids=batch.response_ids,
-                   response_mask=batch.response_mask, with_entropy=False)["logp"]
-            for p in (batch.conditioned, batch.ablated)
-        ]  # fmt: skip
+        passes = engine(response_ids=batch.response_ids, response_mask=batch.response_mask,
+                        ablated=batch.ablated.as_kwargs(), **batch.conditioned.as_kwargs())  # fmt: skip
         n_resp = batch.response_ids.shape[1]
         logits = module.lm(
             input_ids=batch.conditioned.input_ids,
@@ -53,7 +50,7 @@ def _teacher_forced(engine: Any, module: Any, examples: list[TokenizedExample], 
         ).logits[:, :n_resp]
         correct = (logits.argmax(-1) == batch.response_ids)[batch.response_mask].cpu()
         mask = batch.response_mask.cpu()
-        pirs = split_rows((logp[0] - logp[1]).double().cpu(), mask)
+        pirs = split_rows((passes["logp"] - passes["logp_ablated"]).double().cpu(), mask)
         hits = split_rows(correct, mask)
         out += [(i, p, h) for i, k, p, h in zip(idx, keep, pirs, hits) if k]
     return out
