@@ -21,7 +21,8 @@ def apply_slurm_env() -> None:
 
 
 def init_process_group(timeout_s: int) -> None:
-    """Join the launcher's process group through DeepSpeed (nccl on GPU, gloo on CPU).
+    """Join the launcher's process group through DeepSpeed (nccl on GPU, gloo on CPU), after deriving the
+    launcher variables under a bare `srun` and pinning this rank's GPU (LOCAL_RANK).
 
     On CPU, DeepSpeed also JIT-builds a shared-memory all-reduce op and maps a ~67 MB segment per rank in
     /dev/shm that it never unlinks. The op serves only tensor-parallel inference (`inference_all_reduce`),
@@ -31,8 +32,11 @@ def init_process_group(timeout_s: int) -> None:
     import deepspeed
     import deepspeed.ops
 
+    apply_slurm_env()
     cuda = torch.cuda.is_available()
-    if not cuda:
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from perce_ds.config import RunConfig
 from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
 from perce_ds.data.order import DataOrder, shard_batches
 from perce_ds.data.pipeline import PreparedData, prepare_data
-from perce_ds.distributed import apply_slurm_env, init_process_group
+from perce_ds.distributed import init_process_group
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
 from perce_ds.logging_utils import MetricsLogger, setup_logging
@@ -82,9 +81,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str | Path, inference_only: bool = False):
         self.cfg = cfg
         self.inference_only = inference_only  # E-step jobs: no optimizer states, no checkpoints
-        apply_slurm_env()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             init_process_group(cfg.train.dist_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from perce_ds.distributed import init_process_group
+from perce_ds.distributed import apply_slurm_env, init_process_group
 from perce_ds.evaluation import report, runs
 from perce_ds.evaluation.generation import GenerationSettings, read_generations, run_generation, texts_by_id
 from perce_ds.evaluation.metrics import ensure_wordnet
@@ -58,6 +58,7 @@ def init_dist(timeout_s: int, needed: bool) -> tuple[int, int]:
     """Join the launcher's process group (deepspeed/torchrun set WORLD_SIZE); else run as one process."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    apply_slurm_env()  # a bare `srun` sets SLURM_* only
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or needed:
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
