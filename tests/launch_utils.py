@@ -44,16 +44,14 @@ def run_job(
     ) as job:  # fmt: skip
         try:
             out, err = job.communicate(timeout=timeout)
-            timed_out = False
         except subprocess.TimeoutExpired:
             os.killpg(job.pid, signal.SIGKILL)
             out, err = job.communicate()
-            timed_out = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)
-    if timed_out:
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n--- stdout\n{out[-6000:]}\n"
-                             f"--- stderr\n{err[-6000:]}")  # fmt: skip
+            raise AssertionError(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n--- stdout\n{out[-6000:]}"
+                                 f"\n--- stderr\n{err[-6000:]}") from None  # fmt: skip
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(cmd, job.returncode, out, err)
 
 
