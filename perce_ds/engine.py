@@ -258,6 +258,10 @@ class Trainer:
         n_global = int(self._all_reduce(torch.tensor([float(sum(b.n_response_tokens for b in batches))])).item())
         sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
         refused = False
+        window_scheme = self.offline is None and self.scheme.window_statistic is not None
+        # With several micro-batches the window statistic must be known before the first backward: a no-grad
+        # pre-pass. With one, the grad pass itself gives it (one all-reduce, no extra forward).
+        window_mean = self._window_mean_prepass(batches) if window_scheme and len(batches) > 1 else None
         for micro, batch in enumerate(batches):
             if refused:  # the window is lost; keep the engine's micro-step count aligned
                 self._skip_micro_step()
@@ -266,6 +270,8 @@ class Trainer:
             if self.offline is not None:
                 weights, pir = self.offline.for_batch(batch)
             else:
+                if window_scheme:
+                    stats.window_mean = window_mean if window_mean is not None else self._global_mean([stats])
                 weights = token_weights(stats, self.cfg.loss)
                 pir = stats.pir if stats.logp_abl is not None else None
             numerator = weighted_nll_sum(logp_cond, weights)
@@ -286,6 +292,25 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         dt = time.perf_counter() - t0
         return StepResult(step, self._metrics(sums, dt), applied=True)
+
+    def _global_mean(self, stats: list[TokenStats]) -> float:
+        """Mean of the scheme's window statistic over these micro-batches' tokens on all ranks."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for s in stats:
+            values = self.scheme.window_statistic(s).double()
+            total += torch.tensor([float(values.sum()), float(values.numel())], dtype=torch.float64)
+        total = self._all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else 1.0
+
+    @torch.no_grad()
+    def _window_mean_prepass(self, batches: list[MicroBatch]) -> float:
+        """The window statistic's global mean from a no-grad conditioned pass over every micro-batch."""
+        stats = []
+        with self.module.activation_checkpointing_paused():
+            for batch in batches:
+                out = self._forward(batch.conditioned, batch, with_entropy=self.scheme.needs_entropy)
+                stats.append(TokenStats(out["logp"], batch.seq_ids(), entropy=out["entropy"]))
+        return self._global_mean(stats)
 
     def _skip_micro_step(self) -> None:
         """Count a micro-step that ran no backward; at the boundary, drop the window's gradients.
@@ -373,22 +398,23 @@ class Trainer:
         if not examples:
             return {}
         self.engine.eval()
-        self.module.set_activation_checkpointing(False)
         sums = torch.zeros(6, dtype=torch.float64)
-        for idx, keep in shard_batches(len(examples), self.rank, self.world, self.cfg.train.micro_batch_size):
-            batch = collate([examples[i] for i in idx], self.tokenizer.pad_token_id, scored=keep)
-            batch = batch.to(self.device)
-            out = self._forward(batch.conditioned, batch, ablated=batch.ablated)
-            cond, abl = out["logp"].double().cpu(), out["logp_ablated"].double().cpu()
-            persona = batch.persona_mask[batch.response_mask].cpu()
-            pir = cond - abl
-            sums += torch.tensor([
-                -cond.sum(), -abl.sum(), float(cond.numel()),
-                pir[persona].sum(), float(persona.sum()), pir[~persona].sum(),
-            ], dtype=torch.float64)  # fmt: skip
+        try:
+            with self.module.activation_checkpointing_paused():
+                for idx, keep in shard_batches(len(examples), self.rank, self.world, self.cfg.train.micro_batch_size):
+                    batch = collate([examples[i] for i in idx], self.tokenizer.pad_token_id, scored=keep)
+                    batch = batch.to(self.device)
+                    out = self._forward(batch.conditioned, batch, ablated=batch.ablated)
+                    cond, abl = out["logp"].double().cpu(), out["logp_ablated"].double().cpu()
+                    persona = batch.persona_mask[batch.response_mask].cpu()
+                    pir = cond - abl
+                    sums += torch.tensor([
+                        -cond.sum(), -abl.sum(), float(cond.numel()),
+                        pir[persona].sum(), float(persona.sum()), pir[~persona].sum(),
+                    ], dtype=torch.float64)  # fmt: skip
+        finally:
+            self.engine.train()
         sums = self._all_reduce(sums).tolist()
-        self.engine.train()
-        self.module.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
         n, n_persona = sums[2], sums[4]
         return {
             "eval_ce": sums[0] / n if n else None,
@@ -485,7 +511,6 @@ class Trainer:
             self.rank, self.world, max_new_tokens=self.cfg.train.eval_max_new_tokens,
         )  # fmt: skip
         self.engine.train()
-        self.module.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
         return result
 
     def _any_rank(self, flag: bool) -> bool:

@@ -88,6 +88,11 @@ def estimate(trainer: Any, out_dir: Path, print_every: int = 50) -> dict[str, An
     from tqdm import tqdm
 
     cfg, examples = trainer.cfg, trainer.data.train
+    if trainer.scheme.window_statistic is not None:
+        raise ConfigError(
+            f"loss.scheme={cfg.loss.scheme} normalises its weights over each optimizer step's global batch, which "
+            "an offline E-step cannot know; estimate weights for perce or shuffled_perce, or train this scheme online"
+        )
     rank, world = trainer.rank, trainer.world
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list] = {"record_id": [], "response_ids": [], "pir": [], "weight": []}

@@ -6,6 +6,7 @@ removed), so a scheme never sees a padded position and the normaliser is a plain
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,12 +15,46 @@ import torch
 from perce_ds.config import LossConfig
 
 
+def logits_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """How a chunk's fp32 logits are formed from `dtype` hidden states and output embedding on `device`.
+
+    "fp32": inputs are fp32 already. "mm_out_fp32": bf16/fp16 inputs, one CUDA matmul that accumulates and
+    writes fp32 (torch.mm's out_dtype): no extra copy of the weight, and the logits keep fp32 precision —
+    rounding ~30-magnitude logits to bf16 moves PIR by ~0.02 on average, the size of the differences PerCE
+    acts on. "cast_after": low-precision logits then cast (CPU, where torch has no mm out_dtype kernel, or
+    a torch too old for it).
+    """
+    if dtype == torch.float32:
+        return "fp32"
+    if device.type == "cuda" and _mm_has_out_dtype():
+        return "mm_out_fp32"
+    return "cast_after"
+
+
+@functools.cache
+def _mm_has_out_dtype() -> bool:
+    """Whether this torch has torch.mm(..., out_dtype=) (checked on meta tensors: no device, no kernel run)."""
+    a = torch.empty(1, 1, dtype=torch.bfloat16, device="meta")
+    try:
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight.T as fp32 ([rows, V]); see `logits_kernel` for how."""
+    kernel = logits_kernel(hidden.device, hidden.dtype)
+    if kernel == "mm_out_fp32":
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    return (hidden @ weight.t()).float()
+
+
 class _ChunkedTokenLogprob(torch.autograd.Function):
     """log softmax(hidden @ weight.T)[target] for N rows, `chunk` rows at a time.
 
     The [N, vocab] logits never exist whole: forward keeps only the log-sum-exp per row and
     backward recomputes each chunk's logits. The chunk arithmetic runs in place on the logits
-    buffer (one fp32 [chunk, vocab] block live at a time; entropy needs a second). fp32 after the matmul.
+    buffer (one fp32 [chunk, vocab] block live at a time; entropy needs a second). Logits are fp32 (`fp32_logits`).
     Backward walks vocabulary blocks of the same size, so the output embedding's gradient needs no
     accumulator beyond itself.
     """
@@ -32,7 +67,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         entropy = torch.empty_like(logp) if with_entropy else torch.empty(0, device=hidden.device)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
-            logits = (hidden[start:end] @ weight.t()).float()
+            logits = fp32_logits(hidden[start:end], weight)
             top = logits.amax(-1, keepdim=True)
             target_logit = logits.gather(1, targets[start:end, None]).squeeze(1)
             shifted = logits.sub_(top)  # z = logits - max, in place
@@ -70,7 +105,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             end = min(start + vocab_chunk, vocab)
             w = weight[start:end]
             # d logp / d logits = onehot(target) - softmax(logits), built in the logits buffer
-            g_logits = (hidden @ w.t()).float().sub_(lse[:, None]).exp_().mul_(-g_out[:, None])
+            g_logits = fp32_logits(hidden, w).sub_(lse[:, None]).exp_().mul_(-g_out[:, None])
             rows = ((targets >= start) & (targets < end)).nonzero().squeeze(1)
             g_logits[rows, targets[rows] - start] += g_out[rows]
             g_logits = g_logits.to(weight.dtype)  # no copy in fp32; bf16 matmul inputs, fp32 accumulation
@@ -112,6 +147,9 @@ class TokenStats:
     logp_abl: torch.Tensor | None = None  # log P(y_i | x, y_<i), present when the ablated pass ran
     entropy: torch.Tensor | None = None  # predictive entropy of the conditioned pass
     generator: torch.Generator | None = None  # for schemes that draw random numbers
+    # Mean of the scheme's window statistic over every response token of the gradient-accumulation window
+    # on all ranks (set by the trainer for schemes that have one): the same at any split of a global batch.
+    window_mean: float | None = None
 
     @property
     def pir(self) -> torch.Tensor:
@@ -129,15 +167,29 @@ class WeightScheme:
     needs_ablated: bool = False
     needs_entropy: bool = False
     doc: str = ""
+    # Per-token detached values whose mean over the accumulation window (all ranks) normalises the weights
+    # (TokenStats.window_mean); None for schemes that need no window statistic.
+    window_statistic: Callable[[TokenStats], torch.Tensor] | None = None
 
 
 def _clip(x: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     return x.clamp(min=cfg.clip_min, max=cfg.clip_max)
 
 
-def _mean_one(x: torch.Tensor) -> torch.Tensor:
-    # Normalised over the micro-batch's response tokens; an empty batch stays empty.
-    return x / x.mean().clamp_min(1e-12) if x.numel() else x
+def _window_normalised(x: torch.Tensor, stats: TokenStats) -> torch.Tensor:
+    # METHOD.md: "normalised to mean 1 over the batch's response tokens" — the batch being the optimizer
+    # step's global batch, so a window statistic, never a micro-batch one.
+    if stats.window_mean is None:
+        raise ValueError("this weight scheme is normalised over the accumulation window: TokenStats.window_mean unset")
+    return x / max(stats.window_mean, 1e-12)
+
+
+def _token_loss(stats: TokenStats) -> torch.Tensor:
+    return -stats.logp_cond
+
+
+def _entropy(stats: TokenStats) -> torch.Tensor:
+    return stats.entropy
 
 
 def _perce(stats: TokenStats, cfg: LossConfig) -> torch.Tensor:
@@ -162,14 +214,16 @@ REGISTRY: dict[str, WeightScheme] = {
         WeightScheme("ce", lambda stats, cfg: torch.ones_like(stats.logp_cond), doc="plain cross-entropy, w = 1"),
         WeightScheme(
             "loss_weighted",
-            lambda stats, cfg: _clip(_mean_one(-stats.logp_cond), cfg),
-            doc="Rho-1 style: detached token loss, mean 1 over the micro-batch, clipped to [m, M]",
+            lambda stats, cfg: _clip(_window_normalised(_token_loss(stats), stats), cfg),
+            doc="Rho-1 style: detached token loss, mean 1 over the global batch, clipped to [m, M]",
+            window_statistic=_token_loss,
         ),
         WeightScheme(
             "entropy_weighted",
-            lambda stats, cfg: _clip(_mean_one(stats.entropy), cfg),
+            lambda stats, cfg: _clip(_window_normalised(_entropy(stats), stats), cfg),
             needs_entropy=True,
-            doc="detached predictive entropy, mean 1 over the micro-batch, clipped to [m, M]",
+            doc="detached predictive entropy, mean 1 over the global batch, clipped to [m, M]",
+            window_statistic=_entropy,
         ),
         WeightScheme(
             "shuffled_perce",

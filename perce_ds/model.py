@@ -7,8 +7,10 @@ hidden states that predict response positions and applies the output embedding i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -129,13 +131,11 @@ class PerceLM(nn.Module):
         """
         out: dict[str, torch.Tensor | None] = {}
         if ablated is not None:
-            checkpointing = self.lm.is_activation_checkpointing
-            self.set_activation_checkpointing(False)  # nothing to save without grad
-            with torch.no_grad():  # never inference_mode: its tensors break a later ZeRO-3 backward
+            # Nothing to save without grad; never inference_mode: its tensors break a later ZeRO-3 backward.
+            with self.activation_checkpointing_paused(), torch.no_grad():
                 out["logp_ablated"] = self.pass_logprobs(
                     response_ids=response_ids, response_mask=response_mask, **ablated
                 )[0]
-            self.set_activation_checkpointing(checkpointing)
         logp, entropy = self.pass_logprobs(
             input_ids, attention_mask, position_ids, predict_index, response_ids, response_mask, with_entropy
         )
@@ -174,10 +174,27 @@ class PerceLM(nn.Module):
         )
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Checkpoint the grad pass only: the no-grad ablated pass has nothing to save."""
+        """Turn non-reentrant activation checkpointing on or off for good (once, at set-up).
+
+        transformers' enable also registers an input-embedding hook each time it is called (and drops the
+        old handle), so passes that only need it off for a while use `activation_checkpointing_paused`.
+        """
         if enabled == self.lm.is_activation_checkpointing:
             return
         if enabled:
             self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.lm.activation_checkpointing_disable()
+
+    @contextlib.contextmanager
+    def activation_checkpointing_paused(self) -> Iterator[None]:
+        """No checkpointing inside (no-grad passes, evaluation, generation); the previous per-layer state
+        comes back on exit, also after an exception. Flips the layers' flags only: no hooks are added."""
+        layers = [m for m in self.lm.modules() if getattr(m, "gradient_checkpointing", False)]
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.gradient_checkpointing = True

@@ -104,9 +104,11 @@ def reference_logprobs(model: torch.nn.Module, prompt: list[int], response: list
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
 
 
-def reference_perce_loss(model: torch.nn.Module, examples: list[Any], clip_min: float, clip_max: float) -> torch.Tensor:
-    """METHOD.md's PerCE loss over `examples`, one unpadded sequence at a time."""
-    total, n = torch.zeros(()), 0
+def reference_perce_loss(
+    model: torch.nn.Module, examples: list[Any], clip_min: float, clip_max: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """METHOD.md's PerCE loss over `examples`, one unpadded sequence at a time, and the weights it used."""
+    total, n, weights = torch.zeros(()), 0, []
     for ex in examples:
         logp_cond = reference_logprobs(model, ex.cond_prompt_ids, ex.response_ids)
         with torch.no_grad():
@@ -114,7 +116,18 @@ def reference_perce_loss(model: torch.nn.Module, examples: list[Any], clip_min: 
         w = (logp_cond.detach() - logp_abl).clamp(clip_min, clip_max)
         total = total - (w * logp_cond).sum()
         n += len(ex.response_ids)
-    return total / n
+        weights.append(w)
+    return total / n, torch.cat(weights)
+
+
+def assert_weights_exercise_perce(weights: torch.Tensor, clip_min: float, clip_max: float) -> None:
+    """An equivalence test of PerCE means something only when its weights are not all clip_min (that is
+    clip_min x CE): many must lie strictly inside the clip range and some on each bound."""
+    n = weights.numel()
+    at_min, at_max = int((weights <= clip_min).sum()), int((weights >= clip_max).sum())
+    inside = n - at_min - at_max
+    shares = f"{at_min} at clip_min, {inside} inside, {at_max} at clip_max of {n}"
+    assert inside >= 0.2 * n and at_min >= 0.05 * n and at_max >= 0.05 * n, shares
 
 
 def build_tiny_setup(root: Path) -> dict[str, Path]:
@@ -130,10 +143,14 @@ def build_tiny_setup(root: Path) -> dict[str, Path]:
     texts = [t for r in train_records for t in (r.query, r.response, *(i["text"] for i in r.profile))]
     tok = train_sentencepiece_tokenizer(texts, root / "init_model", vocab_size=400)
     torch.manual_seed(0)
+    # initializer_range 0.3 (not 0.02): the random model then reads the profile strongly enough that PIR
+    # spreads over the whole clip range of recipe() (about 59% at clip_min, 30% inside, 11% at clip_max on
+    # the first global batch), so equivalence tests exercise PerCE rather than clip_min x CE.
     config = AutoConfig.for_model(
         "qwen3", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        initializer_range=0.3,
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(root / "init_model")
     ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
@@ -150,10 +167,13 @@ def recipe(setup: dict[str, Path], run_name: str, **train_overrides) -> dict:
         "data": {
             "train_files": [str(setup["train"])],
             "eval_files": [str(setup["eval"])],
-            "max_length": 256,
-            "max_profile_tokens": 160,
+            # Room for the profiles (prompts up to ~420 tokens): at 256 / 160 every profile was cut away and
+            # conditioned == ablated for every record (PIR 0, all weights clip_min).
+            "max_length": 512,
+            "max_profile_tokens": 384,
         },  # fmt: skip
-        "loss": {"scheme": "perce", "clip_min": 0.8, "clip_max": 5.0},
+        # clip_max 3 (paper: 5) so that a share of this random model's tokens reaches the upper bound
+        "loss": {"scheme": "perce", "clip_min": 0.8, "clip_max": 3.0},
         "train": {
             "max_steps": 1,
             "micro_batch_size": 2,

@@ -19,6 +19,7 @@ from perce_ds.data.pipeline import tokenize_split
 from perce_ds.data.tokenizer import load_tokenizer
 from tests.launch_utils import (
     ROOT,
+    assert_weights_exercise_perce,
     build_tiny_setup,
     check,
     leftover_shm_segments,
@@ -60,8 +61,12 @@ def test_one_zero3_step_equals_plain_pytorch(setup, layout):
     order = DataOrder(len(examples), 2, 2, 1, cfg.train.seed)
     batch = [examples[i] for rank in (0, 1) for micro in order.window(0, rank) for i in micro]
 
+    assert all(e.cond_prompt_ids != e.abl_prompt_ids for e in batch)  # every record keeps some profile
     model = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32, attn_implementation="eager")
-    reference_perce_loss(model, batch, 0.8, 5.0).backward()
+    lo, hi = spec["loss"]["clip_min"], spec["loss"]["clip_max"]
+    loss, weights = reference_perce_loss(model, batch, lo, hi)
+    assert_weights_exercise_perce(weights, lo, hi)
+    loss.backward()
     with torch.no_grad():
         expected = {n: p - 1.0 * p.grad for n, p in model.named_parameters()}
     got = load_safetensors(setup["root"] / "runs" / name / "hf" / "model.safetensors")
@@ -73,12 +78,19 @@ def test_one_zero3_step_equals_plain_pytorch(setup, layout):
     assert max(float((got[n] - initial[n]).abs().max()) for n in got) > 1e-3
 
 
-def test_normaliser_same_update_for_any_split_of_the_global_batch(setup):
-    """micro 4 x accum 1 x 1 rank == micro 1 x accum 2 x 2 ranks (one global token mean)."""
-    check(train(setup["root"], recipe(setup, "split_a", micro_batch_size=4, grad_accum=1), 1, setup["sgd"]))
-    check(train(setup["root"], recipe(setup, "split_b", micro_batch_size=1, grad_accum=2), 2, setup["sgd"]))
-    a = load_safetensors(setup["root"] / "runs" / "split_a" / "hf" / "model.safetensors")
-    b = load_safetensors(setup["root"] / "runs" / "split_b" / "hf" / "model.safetensors")
+@pytest.mark.parametrize("scheme", ["perce", "loss_weighted", "entropy_weighted"])
+def test_normaliser_same_update_for_any_split_of_the_global_batch(setup, scheme):
+    """micro 4 x accum 1 x 1 rank == micro 1 x accum 2 x 2 ranks (one global token mean). For the baselines
+    the mean-1 normaliser of their weights is the global batch's too (METHOD.md), not each micro-batch's."""
+    runs = setup["root"] / "runs"
+    for name, micro, accum, ranks in (("a", 4, 1, 1), ("b", 1, 2, 2)):
+        spec = recipe(setup, f"split_{scheme}_{name}", micro_batch_size=micro, grad_accum=accum)
+        spec["loss"]["scheme"] = scheme
+        check(train(setup["root"], spec, ranks, setup["sgd"]))
+    a = load_safetensors(runs / f"split_{scheme}_a" / "hf" / "model.safetensors")
+    b = load_safetensors(runs / f"split_{scheme}_b" / "hf" / "model.safetensors")
+    if scheme == "perce":  # not clip_min x CE: the PerCE weights vary
+        assert read_jsonl(runs / "split_perce_a" / "metrics.jsonl")[0]["weight_mean"] > 0.9
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 

@@ -249,7 +249,7 @@ def test_no_gradient_through_weights():
 def test_token_weights_detached_even_if_stats_carry_grad():
     # A caller that forgets to detach must still get constant weights.
     logp_cond = (-torch.rand(5) * 3).requires_grad_()
-    stats = TokenStats(logp_cond, torch.zeros(5, dtype=torch.long))
+    stats = TokenStats(logp_cond, torch.zeros(5, dtype=torch.long), window_mean=1.5)
     w = token_weights(stats, _cfg("loss_weighted", 1e-6, 1e6))
     assert w.requires_grad is False
     (grad,) = torch.autograd.grad(weighted_nll_sum(logp_cond, w), logp_cond)
@@ -293,8 +293,9 @@ def test_mean_one_schemes(scheme):
     n = 40
     logp = -torch.rand(n) * 5 - 0.01
     entropy = torch.rand(n) * 3 + 0.01
-    stats = TokenStats(logp, torch.repeat_interleave(torch.arange(4), 10), entropy=entropy)
     raw = -logp if scheme == "loss_weighted" else entropy
+    # This micro-batch as the whole accumulation window: its own mean is the window mean.
+    stats = TokenStats(logp, torch.repeat_interleave(torch.arange(4), 10), entropy=entropy, window_mean=float(raw.mean()))
 
     # Wide clip range: the weights are the raw statistic rescaled to mean 1.
     w = token_weights(stats, LossConfig(scheme=scheme, clip_min=1e-6, clip_max=1e6))
@@ -313,16 +314,31 @@ def test_mean_one_schemes(scheme):
 
 def test_loss_weighted_hand_case():
     logp = torch.tensor([-1.0, -3.0])  # loss 1, 3; mean 2 -> 0.5, 1.5
-    stats = TokenStats(logp, torch.zeros(2, dtype=torch.long))
+    stats = TokenStats(logp, torch.zeros(2, dtype=torch.long), window_mean=2.0)
     w = token_weights(stats, LossConfig(scheme="loss_weighted", clip_min=0.8, clip_max=5.0))
     torch.testing.assert_close(w, torch.tensor([0.8, 1.5]))
 
 
 def test_entropy_weighted_hand_case():
-    stats = TokenStats(torch.zeros(3), torch.zeros(3, dtype=torch.long), entropy=torch.tensor([1.0, 2.0, 9.0]))
+    stats = TokenStats(
+        torch.zeros(3), torch.zeros(3, dtype=torch.long), entropy=torch.tensor([1.0, 2.0, 9.0]), window_mean=4.0
+    )
     w = token_weights(stats, LossConfig(scheme="entropy_weighted", clip_min=0.5, clip_max=2.0))
     # mean 4 -> 0.25, 0.5, 2.25 -> clipped 0.5, 0.5, 2.0
     torch.testing.assert_close(w, torch.tensor([0.5, 0.5, 2.0]))
+
+
+@pytest.mark.parametrize("scheme", ["loss_weighted", "entropy_weighted"])
+def test_baselines_normalise_by_the_window_mean_not_the_micro_batch(scheme):
+    """The mean-1 normaliser is the accumulation window's (all ranks), given in TokenStats.window_mean."""
+    values = torch.tensor([1.0, 2.0, 3.0])  # micro-batch mean 2; the window's mean is 4
+    logp, entropy = -values, values
+    stats = TokenStats(logp, torch.zeros(3, dtype=torch.long), entropy=entropy, window_mean=4.0)
+    w = token_weights(stats, LossConfig(scheme=scheme, clip_min=1e-6, clip_max=1e6))
+    torch.testing.assert_close(w, values / 4.0)
+    assert get_scheme(scheme).window_statistic(stats).tolist() == values.tolist()
+    with pytest.raises(ValueError, match="window"):
+        token_weights(TokenStats(logp, torch.zeros(3, dtype=torch.long), entropy=entropy), LossConfig(scheme=scheme))
 
 
 def _shuffle_stats(seed, lengths=(30, 1, 45, 24)):
@@ -379,6 +395,7 @@ def test_empty_micro_batch_gives_zero_loss_and_zero_grads(scheme):
         logp_abl=torch.zeros(0),
         entropy=entropy,
         generator=torch.Generator().manual_seed(0),
+        window_mean=1.0,  # what the trainer sets when the whole window has no response token
     )
     w = token_weights(stats, _cfg(scheme))
     assert w.shape == (0,)
@@ -403,3 +420,21 @@ def test_get_scheme_known_and_unknown():
     assert "percee" in msg
     for name in REGISTRY:
         assert name in msg
+
+
+def test_logits_kernel_keeps_fp32_logits_for_low_precision_on_cuda():
+    """bf16/fp16 on CUDA: one matmul writing fp32 (no bf16 rounding of ~30-magnitude logits, which moves PIR
+    by ~0.02); fp32 inputs need nothing; CPU has no such kernel and casts after the matmul."""
+    from perce_ds.loss import _mm_has_out_dtype, logits_kernel
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _mm_has_out_dtype()  # torch >= 2.8 (the pinned 2.13 has it)
+    assert logits_kernel(cuda, torch.bfloat16) == "mm_out_fp32"
+    assert logits_kernel(cuda, torch.float16) == "mm_out_fp32"
+    assert logits_kernel(cuda, torch.float32) == "fp32"
+    assert logits_kernel(cpu, torch.bfloat16) == "cast_after"
+    assert logits_kernel(cpu, torch.float32) == "fp32"
+    # The meta device shows the op's contract without a GPU: bf16 in, fp32 out.
+    a = torch.empty(3, 8, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(5, 8, dtype=torch.bfloat16, device="meta")
+    assert torch.mm(a, b.t(), out_dtype=torch.float32).dtype == torch.float32

@@ -335,3 +335,78 @@ def test_build_causal_lm_rejects_logit_softcapping(sp_tokenizer):
     arch = {"model_type": "gemma2", "final_logit_softcapping": 30.0, **SMALL}
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         build_causal_lm(ModelConfig(config=arch), sp_tokenizer, torch.float32, "eager")
+
+
+# ---------------------------------------------------------------------------------------------
+# both passes in one call, and no hook leak when they toggle checkpointing
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_one_call_with_ablated_equals_two_independent_plain_forwards(packing, sp_tokenizer, batch_examples):
+    """PerceLM.forward(..., ablated=...) as the engine calls it (train mode, checkpointing on, grad enabled)
+    == the plain HF model run separately on each conditioned and each ablated sequence."""
+    model = make_lm("qwen3", sp_tokenizer)
+    lm = PerceLM(model).train()
+    lm.set_activation_checkpointing(True)
+    batch = collate(batch_examples, sp_tokenizer.pad_token_id, packing)
+    out = lm(
+        response_ids=batch.response_ids, response_mask=batch.response_mask, with_entropy=False,
+        ablated=batch.ablated.as_kwargs(), **batch.conditioned.as_kwargs(),
+    )  # fmt: skip
+    assert out["logp"].requires_grad and not out["logp_ablated"].requires_grad
+    seq = batch.seq_ids()
+    model.eval()
+    pir_rows = []
+    for row, ex in enumerate(batch_examples):
+        cond, _ = naive_row(model, ex.cond_prompt_ids, ex.response_ids)
+        abl, _ = naive_row(model, ex.abl_prompt_ids, ex.response_ids)
+        # the inputs exercise what is compared: the profile moves these log-probs well beyond the tolerance
+        assert (cond - abl).abs().max() > 1e-2
+        torch.testing.assert_close(out["logp"][seq == row].detach(), cond, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["logp_ablated"][seq == row], abl, atol=1e-5, rtol=0)
+        pir_rows.append(cond - abl)
+    # swapping the two passes (a sign flip of PIR) would fail the comparisons above
+    assert float(torch.cat(pir_rows).abs().mean()) > 1e-2
+    assert lm.lm.is_activation_checkpointing  # restored after the ablated pass
+
+
+def test_checkpointing_pauses_add_no_hooks_over_many_steps(sp_tokenizer, batch_examples):
+    """transformers' activation_checkpointing_enable registers an input-embedding hook per call; the per
+    micro-batch pause around the ablated pass (and evaluation) must not: hook count and hook calls per
+    forward stay flat over many training steps."""
+    model = make_lm("qwen3", sp_tokenizer)
+    lm = PerceLM(model).train()
+    lm.set_activation_checkpointing(True)
+    embed = model.get_input_embeddings()
+    hooks_at_start = len(embed._forward_hooks)
+    calls: list[int] = []
+    probe = embed.register_forward_hook(lambda *_: calls.append(1))  # counts embedding forwards, not hooks
+    batch = collate(batch_examples[:2], sp_tokenizer.pad_token_id)
+    hook_counts = []
+    for _ in range(30):
+        out = lm(
+            response_ids=batch.response_ids, response_mask=batch.response_mask,
+            ablated=batch.ablated.as_kwargs(), **batch.conditioned.as_kwargs(),
+        )  # fmt: skip
+        out["logp"].sum().backward()
+        with lm.activation_checkpointing_paused():  # what evaluation does between steps
+            assert not lm.lm.is_activation_checkpointing
+        hook_counts.append(len(embed._forward_hooks))
+    probe.remove()
+    assert hook_counts == [hooks_at_start + 1] * 30  # + the probe, nothing else
+    assert len(calls) == 30 * 2  # two embedding forwards per step (checkpointing recomputes layers, not the embedding)
+    assert lm.lm.is_activation_checkpointing
+
+
+def test_checkpointing_pause_restores_state_after_an_error(sp_tokenizer):
+    model = make_lm("qwen3", sp_tokenizer)
+    lm = PerceLM(model).train()
+    lm.set_activation_checkpointing(True)
+    with pytest.raises(RuntimeError, match="boom"), lm.activation_checkpointing_paused():
+        assert not lm.lm.is_activation_checkpointing
+        raise RuntimeError("boom")
+    assert lm.lm.is_activation_checkpointing
+    lm.set_activation_checkpointing(False)
+    with lm.activation_checkpointing_paused():  # pausing an off model leaves it off
+        pass
+    assert not lm.lm.is_activation_checkpointing

@@ -83,37 +83,35 @@ def demo_evaluation(
     (matched by record_id) supply the reference texts and tasks; without them the reference is the
     decoded response ids. Generation uses `synced_gpus=True` when the parameters are ZeRO-3 shards
     and world > 1 (the caller's live HfDeepSpeedConfig stays referenced by the Trainer).
-    The engine is put back in train mode and activation checkpointing restored before returning.
+    The engine is put back in train mode; activation checkpointing is paused meanwhile.
 
     Returns the same dict on every rank: flat floats/ints (demo_* keys; None when undefined, e.g.
     no ground-truth persona tokens) and "summary_lines", one string of 3 lines for printing.
     Files: eval/demo/generations.jsonl (regenerated each call), per_record.jsonl, scores.json, report.md.
     """
-    was_checkpointing = bool(getattr(module.lm, "is_activation_checkpointing", False))
     engine.eval()
-    module.set_activation_checkpointing(False)
     try:
-        rows = _teacher_forced(engine, module, examples, tokenizer.pad_token_id, rank, world)
-        parts = _gather(rows, world)
-        by_rid = {r.record_id: r for r in records or []}
-        out_dir = run_dir / "eval" / "demo"
-        gen_path = out_dir / "generations.jsonl"
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            gen_path.unlink(missing_ok=True)  # the model changed since any earlier call
-        if dist.is_initialized():
-            dist.barrier()
-        items = [GenItem(e.record_id, by_rid[e.record_id].task if e.record_id in by_rid else "eval", e.cond_prompt_ids)
-                 for e in examples]  # fmt: skip
-        sharded = any(hasattr(p, "ds_id") for p in module.parameters())
-        settings = GenerationSettings(
-            max_new_tokens=max_new_tokens, batch_size=int(engine.train_micro_batch_size_per_gpu())
-        )
-        gens = run_generation(module.lm, tokenizer, items, settings, gen_path, synced_gpus=sharded and world > 1,
-                              progress=False)  # fmt: skip
+        with module.activation_checkpointing_paused():
+            rows = _teacher_forced(engine, module, examples, tokenizer.pad_token_id, rank, world)
+            parts = _gather(rows, world)
+            by_rid = {r.record_id: r for r in records or []}
+            out_dir = run_dir / "eval" / "demo"
+            gen_path = out_dir / "generations.jsonl"
+            if rank == 0:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                gen_path.unlink(missing_ok=True)  # the model changed since any earlier call
+            if dist.is_initialized():
+                dist.barrier()
+            items = [GenItem(e.record_id, by_rid[e.record_id].task if e.record_id in by_rid else "eval", e.cond_prompt_ids)
+                     for e in examples]  # fmt: skip
+            sharded = any(hasattr(p, "ds_id") for p in module.parameters())
+            settings = GenerationSettings(
+                max_new_tokens=max_new_tokens, batch_size=int(engine.train_micro_batch_size_per_gpu())
+            )
+            gens = run_generation(module.lm, tokenizer, items, settings, gen_path, synced_gpus=sharded and world > 1,
+                                  progress=False)  # fmt: skip
     finally:
         engine.train()
-        module.set_activation_checkpointing(was_checkpointing)
     result: dict[str, Any] = {}
     if rank == 0:
         result = _score(examples, [r for part in parts for r in part], by_rid, texts_by_id(gens.values()), tokenizer,
