@@ -295,7 +295,9 @@ def test_mean_one_schemes(scheme):
     entropy = torch.rand(n) * 3 + 0.01
     raw = -logp if scheme == "loss_weighted" else entropy
     # This micro-batch as the whole accumulation window: its own mean is the window mean.
-    stats = TokenStats(logp, torch.repeat_interleave(torch.arange(4), 10), entropy=entropy, window_mean=float(raw.mean()))
+    stats = TokenStats(
+        logp, torch.repeat_interleave(torch.arange(4), 10), entropy=entropy, window_mean=float(raw.mean())
+    )
 
     # Wide clip range: the weights are the raw statistic rescaled to mean 1.
     w = token_weights(stats, LossConfig(scheme=scheme, clip_min=1e-6, clip_max=1e6))
