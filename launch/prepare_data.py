@@ -52,6 +52,7 @@ def split_stats(examples: list[Any], report: Any) -> dict[str, Any]:
         "profile_tokens_trimmed": summary["profile_tokens_trimmed"],
         "responses_capped": summary["responses_capped"],
         "empty_profiles": summary["empty_profiles"],
+        "profiles_cut_to_nothing": summary["profiles_cut_to_nothing"],
         "cache_file": summary["cache_file"],
         "cache_built": summary["cache_built"],
     }
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  trimmed: {s['profile_items_dropped']} items dropped, {s['profile_items_trimmed']} items cut, "
             f"{s['profile_tokens_trimmed']} tokens; capped responses: {s['responses_capped']}; "
-            f"empty profiles: {s['empty_profiles']}"
+            f"empty profiles: {s['empty_profiles']}; profiles cut to nothing: {s['profiles_cut_to_nothing']}"
         )
         if s["cache_file"]:
             print(f"  cache: {s['cache_file']} ({'built' if s['cache_built'] else 'reused'})")

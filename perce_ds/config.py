@@ -88,6 +88,10 @@ class DataConfig:
     packing: bool = False  # padding-free micro-batches: sequences concatenated, position ids restart per sequence
 
     def __post_init__(self) -> None:
+        # Files a user names replace the synthetic data a recipe enables as its default (the demo recipe is the
+        # default recipe: `--data.train_files my.jsonl` alone must train on my.jsonl).
+        if self.synthetic.enabled and (self.train_files or self.eval_files):
+            self.synthetic.enabled = False
         # Checks local to this section; RunConfig.validate does the cross-section ones.
         for key in ("max_train_records", "max_eval_records", "max_response_tokens"):
             if getattr(self, key) < 0:
@@ -114,6 +118,9 @@ class LossConfig:
         False  # one forward for both passes (ablated rows detached): one all-gather less, more backward
     )
     weights_from: str | None = None  # offline EM: a launch/estimate.py output dir; no ablated pass in training
+    # Warn (once) when no token's PIR has exceeded clip_min for this many steps in a row: every weight is then
+    # clip_min and the update is CE's. 0 = never warn.
+    warn_no_personal_steps: int = 50
 
 
 @dataclass
@@ -202,10 +209,15 @@ class RunConfig:
         if self.model.config is not None and "model_type" not in self.model.config:
             raise ConfigError("model.config needs a 'model_type' (e.g. qwen3, llama)")
         if self.data.source == "files" and not self.data.synthetic.enabled and not self.data.train_files:
-            raise ConfigError("data.train_files is empty and data.synthetic.enabled is false: no training data")
+            raise ConfigError(
+                "data.train_files is empty and data.synthetic.enabled is false: no training data "
+                "(named data.eval_files turn the synthetic data off; name data.train_files too)"
+            )
         for key in ("micro_batch_size", "grad_accum", "epochs", "keep_last", "log_every", "dist_timeout_s"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+        if self.loss.warn_no_personal_steps < 0:
+            raise ConfigError(f"loss.warn_no_personal_steps must be >= 0, got {self.loss.warn_no_personal_steps}")
         for key in ("max_steps", "save_every", "eval_every", "max_nonfinite_steps", "stop_after"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")

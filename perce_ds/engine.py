@@ -26,7 +26,7 @@ from perce_ds import checkpoint, estep
 from perce_ds.config import RunConfig
 from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
 from perce_ds.data.order import DataOrder, shard_batches
-from perce_ds.data.pipeline import PreparedData, prepare_data
+from perce_ds.data.pipeline import PreparedData, prepare_data, require_profiles
 from perce_ds.distributed import init_process_group
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
@@ -110,6 +110,8 @@ class Trainer:
             self.offline = OfflineWeights(cfg.loss.weights_from, expected)
             log.info("offline EM: weights from %s (fingerprint %s)", cfg.loss.weights_from, expected)
         self.run_ablated = self.offline is None and (self.scheme.needs_ablated or cfg.loss.track_pir)
+        if self.offline is None and self.scheme.needs_ablated:
+            require_profiles(self.data.train, self.data.reports["train"], cfg.loss.scheme)
 
         self.dtype = resolve_dtype(cfg.model.dtype)
         self.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation)
@@ -121,6 +123,7 @@ class Trainer:
         self.start_step = 0
         self.nonfinite_in_a_row = 0
         self.refused_steps = 0
+        self.steps_without_personal = 0  # consecutive steps with no PIR above clip_min (CE's update)
         if not inference_only:
             self._write_run_files()
             self._maybe_resume()
@@ -465,6 +468,7 @@ class Trainer:
                 if result.applied:
                     last = result.metrics
                     self.metrics.log(step, result.metrics, every=self.cfg.train.log_every)
+                    self._watch_personal_ratio(step, result.metrics.get("personal_ratio"))
                     bar.set_postfix(loss=f"{last['loss']:.4f}" if last.get("loss") is not None else "n/a")
                 if self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0 and step < self.total_steps:
                     self._evaluate_and_log(step)  # the final one comes after the loop
@@ -492,6 +496,19 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
         return summary
+
+    def _watch_personal_ratio(self, step: int, personal_ratio: float | None) -> None:
+        """Warn once when PerCE has been CE for loss.warn_no_personal_steps steps in a row."""
+        if personal_ratio is None or not self.scheme.needs_ablated:
+            return
+        self.steps_without_personal = self.steps_without_personal + 1 if personal_ratio == 0 else 0
+        if self.steps_without_personal == self.cfg.loss.warn_no_personal_steps:
+            log.warning(
+                "step %d: for %d steps in a row no response token had PIR above loss.clip_min=%g, so every weight "
+                "was clip_min and the update was plain CE's. The model does not (yet) read the profiles: check "
+                "data_report.json (profiles_cut_to_nothing), a pretrained model, or lower loss.clip_min",
+                step, self.steps_without_personal, self.cfg.loss.clip_min,
+            )  # fmt: skip
 
     def _evaluate_and_log(self, step: int) -> dict[str, Any]:
         evaluation = self.evaluate()
@@ -526,6 +543,7 @@ class Trainer:
             "refused_steps": self.refused_steps,
             "records_skipped": {k: len(v.skipped) for k, v in self.data.reports.items()},
             "profile_items_dropped": {k: v.profile_items_dropped for k, v in self.data.reports.items()},
+            "profiles_cut_to_nothing": {k: v.profiles_cut_to_nothing for k, v in self.data.reports.items()},
             "world_size": self.world,
             "attn_implementation": self.attn_implementation,
         }

@@ -59,3 +59,28 @@ def test_readme_main_command_runs_demo(tmp_path):
     assert evals[0]["eval_ce"] != evals[1]["eval_ce"]  # the model changed between the two evaluations
     assert f"run directory: {run}" in proc.stdout
     assert "mean PIR on persona tokens" in proc.stdout
+
+
+@pytest.mark.slow
+def test_readme_main_command_trains_on_named_files(tmp_path):
+    """The obvious first command with one's own data: the named files are read, not the recipe's synthetic set."""
+    from perce_ds.data.synthetic import generate_records, write_jsonl
+
+    mine, mine_eval = tmp_path / "my.jsonl", tmp_path / "my_eval.jsonl"
+    train_records, eval_records = generate_records(3, 3, seed=7, split="train"), generate_records(3, 1, 7, "eval")
+    write_jsonl(train_records, mine)
+    write_jsonl(eval_records, mine_eval)
+    argv = readme_main_command()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()), *argv[1:],
+           "--data.train_files", str(mine), "--data.eval_files", str(mine_eval), "--train.max_steps", "1",
+           "--train.micro_batch_size", "2", "--train.output_dir", str(tmp_path / "runs"),
+           "--train.final_generation_eval", "false", "--train.save_init_model", "false"]  # fmt: skip
+    proc = check(run_job(cmd, timeout=600))
+    run = tmp_path / "runs" / "demo"
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["train"]["files"] == [str(mine)] and report["eval"]["files"] == [str(mine_eval)]
+    assert report["train"]["records_read"] == len(train_records) == 9
+    assert report["eval"]["records_read"] == len(eval_records) == 3
+    assert report["train"]["users"] == 3  # the synthetic set has 24
+    assert not (run / "data").exists()  # no synthetic files were written
+    assert f"data: train {mine} (9 examples), eval {mine_eval} (3 examples)" in proc.stdout + proc.stderr

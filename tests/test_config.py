@@ -88,8 +88,8 @@ def test_overrides_of_nested_values(recipe):
     assert cfg.train.run_name == "custom"
     assert cfg.model.activation_checkpointing is False
     assert cfg.data.train_files == ["a.jsonl"]
-    # Values not overridden keep the recipe's.
-    assert cfg.data.synthetic.enabled is True and cfg.train.micro_batch_size == 2
+    # Values not overridden keep the recipe's; named train files replace the recipe's synthetic data.
+    assert cfg.data.synthetic.enabled is False and cfg.train.micro_batch_size == 2
 
 
 def test_exponent_strings_become_floats(tmp_path):
@@ -403,3 +403,17 @@ def test_load_ds_config_errors(tmp_path):
     good = tmp_path / "good.json"
     good.write_text('{"a": {"b": 1}}')
     assert load_ds_config(good) == {"a": {"b": 1}}
+
+
+def test_named_data_files_replace_the_recipes_synthetic_data(tmp_path):
+    """The default recipe enables synthetic data; a user's --data.train_files must win, not be ignored."""
+    demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    assert RunConfig.load(demo).data.synthetic.enabled
+    cfg = RunConfig.load(demo, ["data.train_files=my.jsonl", "data.eval_files=my_eval.jsonl"])
+    assert not cfg.data.synthetic.enabled
+    assert (cfg.data.train_files, cfg.data.eval_files) == (["my.jsonl"], ["my_eval.jsonl"])
+    from perce_ds.data.pipeline import data_files
+
+    assert data_files(cfg) == (["my.jsonl"], ["my_eval.jsonl"])
+    with pytest.raises(ConfigError, match="name data.train_files too"):
+        RunConfig.load(demo, ["data.eval_files=my_eval.jsonl"])

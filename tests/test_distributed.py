@@ -169,3 +169,21 @@ def test_bad_records_error_or_are_counted(setup):
     check(train(setup["root"], skip, 1, setup["sgd"]))
     summary = json.loads((setup["root"] / "runs" / "bad_skip" / "summary.json").read_text())
     assert summary["records_skipped"] == {"train": 1, "eval": 0}
+
+
+def test_perce_refused_without_profiles_and_warned_when_it_is_ce(setup):
+    """No training record keeps a profile: PerCE refuses to start, naming the budget keys. No PIR above
+    clip_min for loss.warn_no_personal_steps steps: one warning (the update is CE's)."""
+    spec = recipe(setup, "no_profiles")
+    spec["data"]["max_profile_tokens"] = 0
+    proc = train(setup["root"], spec, 1, setup["sgd"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "loss.scheme=perce needs profiles" in out and "data.max_length or data.max_profile_tokens" in out
+
+    spec = recipe(setup, "ce_in_disguise", max_steps=4, lr=1e-3)
+    spec["loss"].update(clip_min=50.0, clip_max=60.0, warn_no_personal_steps=2)  # no PIR reaches 50
+    proc = check(train(setup["root"], spec, 1, setup["sgd"]))
+    assert (proc.stdout + proc.stderr).count("no response token had PIR above loss.clip_min") == 1
+    rows = read_jsonl(setup["root"] / "runs" / "ce_in_disguise" / "metrics.jsonl")
+    assert [r["personal_ratio"] for r in rows] == [0.0] * 4

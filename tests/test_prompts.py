@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -542,3 +543,31 @@ def test_prepare_tokenizer_without_eos_raises():
     tok = _wordlevel_tokenizer()
     with pytest.raises(ValueError, match="EOS"):
         prepare_tokenizer(tok)
+
+
+def test_profiles_cut_to_nothing_are_counted_apart_from_empty_ones_and_warned(tmp_path, sp_tokenizer, caplog):
+    """A budget that cuts a whole profile makes both prompts equal (PIR 0): counted separately from profiles
+    empty in the source, warned above 5%, and a PerCE run on such data is refused naming the budget keys."""
+    from perce_ds.config import ConfigError
+    from perce_ds.data.pipeline import require_profiles
+
+    good = generate_records(3, 2, seed=0)
+    empty = {**good[0].to_dict(), "record_id": "empty-profile", "profile": []}
+    path = tmp_path / "train.jsonl"
+    _write_split(path, good, {1: json.dumps(empty)})
+    with caplog.at_level(logging.WARNING, logger="perce_ds"):
+        examples, report = tokenize_split([str(path)], sp_tokenizer, _cfg(path, "data.max_profile_tokens=0"))
+    assert report.empty_profiles == 1
+    assert report.profiles_cut_to_nothing == len(good) == report.summary()["profiles_cut_to_nothing"]
+    assert all(e.cond_prompt_ids == e.abl_prompt_ids for e in examples)
+    assert "lost their whole profile" in caplog.text and "data.max_profile_tokens" in caplog.text
+    with pytest.raises(ConfigError, match=r"data\.max_length or data\.max_profile_tokens") as info:
+        require_profiles(examples, report, "perce")
+    assert str(path) in str(info.value) and "1 empty in the source, 6 cut to nothing" in str(info.value)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="perce_ds"):
+        roomy = _cfg(path, "data.max_length=768", "data.max_profile_tokens=512")
+        kept, report = tokenize_split([str(path)], sp_tokenizer, roomy)
+    assert report.profiles_cut_to_nothing == 0 and "lost their whole profile" not in caplog.text
+    require_profiles(kept, report, "perce")  # some record keeps a profile: accepted

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perce_ds.config import RunConfig
+from perce_ds.config import ConfigError, RunConfig
 from perce_ds.data import synthetic
 from perce_ds.data.prompts import PROFILE_CONNECTOR, PROFILE_HEADER, PromptSettings, TokenizedExample, tokenize_record
 from perce_ds.data.records import PersonaRecord, RecordError
@@ -37,18 +37,32 @@ class SplitReport:
     profile_items_trimmed: int = 0  # kept items whose tail was cut
     profile_tokens_trimmed: int = 0  # item tokens left out by the budget
     responses_capped: int = 0  # responses cut to data.max_response_tokens
-    empty_profiles: int = 0  # records with no profile item (both prompts coincide, PIR = 0)
+    empty_profiles: int = 0  # records with no profile item in the source (both prompts coincide, PIR = 0)
+    profiles_cut_to_nothing: int = 0  # records whose profile items were all cut by the token budgets (PIR = 0)
     cache_file: str = ""  # the tokenised cache (longlamp / lamp sources)
     cache_built: bool = False  # built by this run (False: reused)
     users: set[str] = field(default_factory=set)  # user ids of the kept examples
     profile_sizes: list[int] = field(default_factory=list)  # per kept example, items before retrieval
 
-    def count(self, example: TokenizedExample) -> None:
-        """Add one kept example's budget outcomes to the totals."""
+    def count(self, example: TokenizedExample, user_id: str, profile_size: int) -> None:
+        """Add one kept example (its user, its profile size in the source) to the totals."""
         self.profile_items_dropped += example.profile_items_dropped
         self.profile_items_trimmed += example.profile_items_trimmed
         self.profile_tokens_trimmed += example.profile_tokens_trimmed
         self.responses_capped += int(example.response_capped)
+        self.empty_profiles += profile_size == 0
+        self.profiles_cut_to_nothing += profile_size > 0 and example.profile_items_kept == 0
+        self.users.add(user_id)
+        self.profile_sizes.append(profile_size)
+
+    def warn_if_profiles_cut(self, examples: int) -> None:
+        """A profile cut to nothing makes both prompts equal: PIR 0 and weight clip_min for the whole record."""
+        if examples and self.profiles_cut_to_nothing > 0.05 * examples:
+            log.warning(
+                "%s: %d of %d records (%.0f%%) lost their whole profile to the token budgets: their PIR is 0 and "
+                "PerCE trains them as CE. Raise data.max_length or data.max_profile_tokens (or shorten data.system_prompt)",
+                ", ".join(self.files), self.profiles_cut_to_nothing, examples, 100 * self.profiles_cut_to_nothing / examples,
+            )  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -60,6 +74,7 @@ class SplitReport:
             "profile_tokens_trimmed": self.profile_tokens_trimmed,
             "responses_capped": self.responses_capped,
             "empty_profiles": self.empty_profiles,
+            "profiles_cut_to_nothing": self.profiles_cut_to_nothing,
             "cache_file": self.cache_file,
             "cache_built": self.cache_built,
             "users": len(self.users),
@@ -177,13 +192,11 @@ def tokenize_split(files: list[str], tokenizer: Any, cfg: RunConfig) -> tuple[li
                 raise
             report.skipped.append(str(e))
             continue
-        report.count(example)
-        report.empty_profiles += not record.profile
-        report.users.add(record.user_id)
-        report.profile_sizes.append(len(record.profile))
+        report.count(example, record.user_id, len(record.profile))
         examples.append(example)
     if report.skipped:
         log.warning("%s: skipped %d bad records, e.g. %s", source, len(report.skipped), report.skipped[0])
+    report.warn_if_profiles_cut(len(examples))
     return examples, report
 
 
@@ -202,7 +215,22 @@ def prepare_data(cfg: RunConfig, is_rank0: bool, barrier: Callable[[], None]) ->
         where = train_report.files
     if not train:
         raise ValueError(f"no usable training records in {where}")
+    log.info("data: train %s (%d examples), eval %s (%d examples)", ", ".join(train_report.files), len(train),
+             ", ".join(eval_report.files) or "none", len(eval_examples))  # fmt: skip
     return PreparedData(tokenizer, train, eval_examples, {"train": train_report, "eval": eval_report})
+
+
+def require_profiles(examples: list[TokenizedExample], report: SplitReport, scheme: str) -> None:
+    """Refuse a run whose weights need PIR when no training record keeps any profile: every PIR would be 0,
+    every weight clip_min, and the run plain CE under another name."""
+    if any(e.profile_items_kept > 0 for e in examples):
+        return
+    raise ConfigError(
+        f"loss.scheme={scheme} needs profiles, but none of the {len(examples)} training records in "
+        f"{', '.join(report.files)} keeps one ({report.empty_profiles} empty in the source, "
+        f"{report.profiles_cut_to_nothing} cut to nothing by the token budgets). Raise data.max_length or "
+        "data.max_profile_tokens, or train with loss.scheme=ce"
+    )
 
 
 # ----------------------------------------------------------------------------------------- longlamp / lamp
@@ -301,11 +329,9 @@ def _task_split(
         example = TokenizedExample(
             **{k: row[k] for k in CACHE_COLUMNS if k not in ("user_id", "profile_size", "error")}
         )
-        report.count(example)
-        report.empty_profiles += row["profile_size"] == 0
-        report.users.add(row["user_id"])
-        report.profile_sizes.append(row["profile_size"])
+        report.count(example, row["user_id"], row["profile_size"])
         examples.append(example)
+    report.warn_if_profiles_cut(len(examples))
     log.info("%s: %d examples (%s cache %s)", source, len(examples), "built" if report.cache_built else "reused", path)
     return examples, report
 
