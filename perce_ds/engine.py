@@ -32,7 +32,13 @@ from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
 from perce_ds.logging_utils import MetricsLogger, setup_logging
 from perce_ds.loss import TokenStats, get_scheme, token_weights, weighted_nll_sum
-from perce_ds.model import PerceLM, build_causal_lm, resolve_attn_implementation, resolve_dtype
+from perce_ds.model import (
+    PerceLM,
+    build_causal_lm,
+    check_packing_kernel,
+    resolve_attn_implementation,
+    resolve_dtype,
+)
 from perce_ds.preemption import StopRequest
 
 log = logging.getLogger("perce_ds")
@@ -115,6 +121,7 @@ class Trainer:
 
         self.dtype = resolve_dtype(cfg.model.dtype)
         self.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation)
+        check_packing_kernel(cfg.data.packing, self.device, self.attn_implementation)
         log.info("attention: %s, dtype: %s, world size: %d", self.attn_implementation, self.dtype, self.world)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.engine, self.module = self._build_engine(ds_config_path)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from perce_ds.config import ModelConfig
+from perce_ds.config import ConfigError, ModelConfig
 from perce_ds.loss import chunked_token_logprobs
 
 log = logging.getLogger("perce_ds")
@@ -45,6 +45,22 @@ def resolve_attn_implementation(requested: str) -> str:
     if requested != "auto":
         return requested
     return "flash_attention_2" if flash_attn_available() else "sdpa"
+
+
+def check_packing_kernel(packing: bool, device: torch.device, attn_implementation: str) -> None:
+    """Packed micro-batches on CUDA need a varlen kernel (flash_attention_2 with its CUDA module importable).
+
+    Under sdpa/eager, packing relies on transformers turning the restarting position ids into a dense
+    block-diagonal [total, total] mask: quadratic in the packed length and off sdpa's flash kernel (slower than
+    padding), and any path that drops that mask lets sequences attend to each other. On CPU that mask path is
+    what tests compare against padding; on a GPU only the varlen kernel is worth packing for.
+    """
+    if packing and device.type == "cuda" and attn_implementation != "flash_attention_2":
+        raise ConfigError(
+            f"data.packing=true on CUDA needs flash-attn's varlen kernel, but attention is {attn_implementation}: "
+            "packed sequences would go through a dense block mask. Install the 'flash' extra (and keep "
+            "model.attn_implementation=auto or flash_attention_2), or set data.packing=false"
+        )
 
 
 def resolve_dtype(requested: str) -> torch.dtype:

@@ -410,3 +410,18 @@ def test_checkpointing_pause_restores_state_after_an_error(sp_tokenizer):
     with lm.activation_checkpointing_paused():  # pausing an off model leaves it off
         pass
     assert not lm.lm.is_activation_checkpointing
+
+
+def test_packing_on_cuda_needs_the_varlen_kernel():
+    """Packed batches on a GPU run only through flash-attn's varlen kernel; sdpa/eager are refused there
+    (dense block mask), while CPU keeps the masked path the packing tests compare with padding."""
+    from perce_ds.config import ConfigError
+    from perce_ds.model import check_packing_kernel
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for attn in ("sdpa", "eager"):
+        with pytest.raises(ConfigError, match="data.packing=true on CUDA needs flash-attn's varlen kernel"):
+            check_packing_kernel(True, cuda, attn)
+        check_packing_kernel(True, cpu, attn)
+        check_packing_kernel(False, cuda, attn)
+    check_packing_kernel(True, cuda, "flash_attention_2")
