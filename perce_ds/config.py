@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from perce_ds.loss import REGISTRY
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key."""
@@ -193,8 +195,6 @@ class RunConfig:
 
     def validate(self) -> None:
         """Cross-field checks that types alone cannot express."""
-        from perce_ds.loss import REGISTRY
-
         if self.loss.scheme not in REGISTRY:
             raise ConfigError(f"loss.scheme: unknown scheme {self.loss.scheme!r}; known: {sorted(REGISTRY)}")
         if self.loss.clip_min > self.loss.clip_max:

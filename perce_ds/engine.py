@@ -282,7 +282,7 @@ class Trainer:
             else:
                 if window_scheme:
                     stats.window_mean = window_mean if window_mean is not None else self._global_mean([stats])
-                weights = token_weights(stats, self.cfg.loss)
+                weights = token_weights(stats, self.cfg.loss, self.scheme)
                 pir = stats.pir if stats.logp_abl is not None else None
             numerator = weighted_nll_sum(logp_cond, weights)
             finite = self._all_reduce(torch.tensor([float(torch.isfinite(numerator).item())]))

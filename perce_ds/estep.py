@@ -102,7 +102,7 @@ def estimate(trainer: Any, out_dir: Path, print_every: int = 50) -> dict[str, An
         batch = collate([examples[i] for i in idx], trainer.tokenizer.pad_token_id, scored=keep)
         batch = batch.to(trainer.device)
         _, stats = trainer.token_stats(batch, step=0, micro=0)
-        weights = token_weights(stats, cfg.loss)
+        weights = token_weights(stats, cfg.loss, trainer.scheme)
         for i, counted, pir, w in zip(idx, keep, _split(batch, stats.pir), _split(batch, weights), strict=True):
             if not counted:
                 continue

@@ -9,10 +9,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-
-from perce_ds.config import LossConfig
 
 
 def logits_kernel(device: torch.device, dtype: torch.dtype) -> str:
@@ -138,6 +137,14 @@ def chunked_token_logprobs(
     return logp, (entropy if with_entropy else None)
 
 
+class WeightSettings(Protocol):
+    """The run settings the weights read (perce_ds.config.LossConfig is one); loss.py imports no config."""
+
+    scheme: str
+    clip_min: float
+    clip_max: float
+
+
 @dataclass
 class TokenStats:
     """Detached per-token quantities of one micro-batch's response tokens (flat, no padding)."""
@@ -163,7 +170,7 @@ class WeightScheme:
     """One entry of the registry: how to turn detached token statistics into loss weights."""
 
     name: str
-    weights: Callable[[TokenStats, LossConfig], torch.Tensor]
+    weights: Callable[[TokenStats, WeightSettings], torch.Tensor]
     needs_ablated: bool = False
     needs_entropy: bool = False
     doc: str = ""
@@ -172,7 +179,7 @@ class WeightScheme:
     window_statistic: Callable[[TokenStats], torch.Tensor] | None = None
 
 
-def _clip(x: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+def _clip(x: torch.Tensor, cfg: WeightSettings) -> torch.Tensor:
     return x.clamp(min=cfg.clip_min, max=cfg.clip_max)
 
 
@@ -192,11 +199,11 @@ def _entropy(stats: TokenStats) -> torch.Tensor:
     return stats.entropy
 
 
-def _perce(stats: TokenStats, cfg: LossConfig) -> torch.Tensor:
+def _perce(stats: TokenStats, cfg: WeightSettings) -> torch.Tensor:
     return _clip(stats.pir, cfg)
 
 
-def _shuffled_perce(stats: TokenStats, cfg: LossConfig) -> torch.Tensor:
+def _shuffled_perce(stats: TokenStats, cfg: WeightSettings) -> torch.Tensor:
     w = _perce(stats, cfg)
     if w.numel() == 0:
         return w
@@ -243,10 +250,12 @@ def get_scheme(name: str) -> WeightScheme:
         raise ValueError(f"loss.scheme: unknown scheme {name!r}; known: {sorted(REGISTRY)}") from None
 
 
-def token_weights(stats: TokenStats, cfg: LossConfig) -> torch.Tensor:
-    """Loss weights for each response token (no gradient flows through them)."""
+def token_weights(stats: TokenStats, cfg: WeightSettings, scheme: WeightScheme | None = None) -> torch.Tensor:
+    """Loss weights for each response token (no gradient flows through them): `scheme`'s, resolved once by the
+    caller that holds it (the trainer), else the one `cfg.scheme` names."""
+    scheme = scheme or get_scheme(cfg.scheme)
     with torch.no_grad():
-        return get_scheme(cfg.scheme).weights(stats, cfg).float().detach()
+        return scheme.weights(stats, cfg).float().detach()
 
 
 def weighted_nll_sum(logp_cond: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
