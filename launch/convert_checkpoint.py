@@ -24,13 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="default: <run>/checkpoints_universal/step_N")
     args = parser.parse_args(argv)
 
-    from perce_ds.checkpoint import convert_to_universal, read_state
+    from perce_ds import checkpoint
 
-    if not (args.checkpoint / "perce_state.json").is_file():
-        parser.error(f"{args.checkpoint} is not a complete perce_ds checkpoint (no perce_state.json)")
+    if not checkpoint.is_checkpoint(args.checkpoint):
+        parser.error(f"{args.checkpoint} is not a complete perce_ds checkpoint (no {checkpoint.STATE_FILE})")
     out = args.out or args.checkpoint.parent.parent / "checkpoints_universal" / args.checkpoint.name
-    convert_to_universal(args.checkpoint, out)
-    state = read_state(out)
+    checkpoint.convert_to_universal(args.checkpoint, out)
+    state = checkpoint.read_state(out)
     print(f"universal checkpoint of step {state['step']} (written by {state['world_size']} ranks): {out}")
     print(f"resume on any number of ranks with --train.resume {out}")
     return 0

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = parse_overrides(rest)
     model = Path(args.model) if args.model else None
-    ds_checkpoint = model is not None and (model / "perce_state.json").is_file()
+    ds_checkpoint = model is not None and checkpoint.is_checkpoint(model)
     if model is not None and not ds_checkpoint:
         overrides += [f"model.name_or_path={model}", "model.config=null"]
     cfg = RunConfig.load(args.recipe, overrides)

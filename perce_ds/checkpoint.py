@@ -20,6 +20,17 @@ import torch.distributed as dist
 
 log = logging.getLogger("perce_ds")
 STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "perce_state.json"  # our state beside DeepSpeed's files; written last, so it marks a complete checkpoint
+LM_PREFIX = "lm."  # DeepSpeed saves PerceLM's state dict: the HF model's keys under its `lm` attribute
+
+
+def is_checkpoint(path: Path) -> bool:
+    """True for a complete perce_ds checkpoint directory (checkpoints/step_N or a universal copy)."""
+    return (path / STATE_FILE).is_file()
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    (path / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -38,9 +49,9 @@ def find_resume_checkpoint(ckpt_root: Path, resume: str) -> Path | None:
         found = complete_checkpoints(ckpt_root)
         return found[-1][1] if found else None
     path = Path(resume)
-    if not (path / "perce_state.json").is_file():
+    if not is_checkpoint(path):
         raise FileNotFoundError(
-            f"train.resume={resume}: not a complete perce_ds checkpoint (no perce_state.json); "
+            f"train.resume={resume}: not a complete perce_ds checkpoint (no {STATE_FILE}); "
             "point at a checkpoints/step_N directory or use auto"
         )
     return path
@@ -65,10 +76,10 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, An
     if rank0 and (ckpt_root / tmp_tag).exists():
         shutil.rmtree(ckpt_root / tmp_tag)  # debris of an earlier kill
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, save_latest=False)  # our state: perce_state.json
+    engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, save_latest=False)  # our state: STATE_FILE
     dist.barrier()
     if rank0:
-        (ckpt_root / tmp_tag / "perce_state.json").write_text(json.dumps(state, indent=2))
+        write_state(ckpt_root / tmp_tag, state)
         if final.exists():
             shutil.rmtree(final)
         (ckpt_root / tmp_tag).rename(final)
@@ -79,8 +90,8 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, An
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """The perce_state.json of a checkpoint directory (step, world size, universal flag)."""
-    return json.loads((path / "perce_state.json").read_text())
+    """The STATE_FILE of a checkpoint directory (step, world size, universal flag)."""
+    return json.loads((path / STATE_FILE).read_text())
 
 
 def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
@@ -103,10 +114,19 @@ def convert_to_universal(path: Path, out: Path) -> Path:
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
     subprocess.run(cmd, check=True)
     state = read_state(path) | {"universal": True, "converted_from": str(path)}
-    (tmp / "perce_state.json").write_text(json.dumps(state, indent=2))
+    write_state(tmp, state)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def consolidated_lm_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The HF model's full fp32 weights from a checkpoint written on any number of ranks (keys as the HF
+    model names them)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return {k.removeprefix(LM_PREFIX): v for k, v in state.items()}
 
 
 def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:

@@ -203,14 +203,12 @@ def load_zero3_model(model_dir: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 def load_checkpoint_weights(cfg: RunConfig, ckpt: Path, tokenizer: Any, dtype: torch.dtype) -> Any:
     """Rebuild the run's model and load a DeepSpeed checkpoint's consolidated fp32 weights (any world size)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    from perce_ds import checkpoint
     from perce_ds.model import build_causal_lm
 
-    if not (ckpt / "perce_state.json").is_file():
-        raise EvalInputError(f"--checkpoint {ckpt}: not a complete perce_ds checkpoint (no perce_state.json)")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    state = {k.removeprefix("lm."): v for k, v in state.items()}
+    if not checkpoint.is_checkpoint(ckpt):
+        raise EvalInputError(f"--checkpoint {ckpt}: not a complete perce_ds checkpoint (no {checkpoint.STATE_FILE})")
+    state = checkpoint.consolidated_lm_weights(ckpt)
     lm = build_causal_lm(cfg.model, tokenizer, dtype, "sdpa")
     missing, unexpected = lm.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(lm.config, "tie_word_embeddings", False) else set()
