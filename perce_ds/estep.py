@@ -11,7 +11,6 @@ An M-step refuses a directory whose fingerprint differs from its own and says wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -24,53 +23,37 @@ from perce_ds.config import ConfigError, RunConfig
 from perce_ds.data.collate import MicroBatch, collate
 from perce_ds.data.order import shard_batches
 from perce_ds.data.prompts import TokenizedExample
+from perce_ds.fingerprints import digest, json_digest, tokenizer_fingerprint, weight_files_fingerprint
 from perce_ds.loss import token_weights
 
 log = logging.getLogger("perce_ds")
 INDEX = "index.json"
 
 
-def _digest(parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def data_fingerprint(examples: list[TokenizedExample]) -> str:
-    return _digest([(e.record_id, e.cond_prompt_ids, e.abl_prompt_ids, e.response_ids) for e in examples])
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
-    return _digest([vocab, tokenizer.all_special_tokens, tokenizer.chat_template])
+    return json_digest([(e.record_id, e.cond_prompt_ids, e.abl_prompt_ids, e.response_ids) for e in examples])[:16]
 
 
 def model_fingerprint(cfg: RunConfig) -> str:
-    """An HF folder: its config plus each weight file's size, safetensors header and edges; a
-    from-scratch model: its architecture and seed (deterministic init)."""
+    """An HF folder: its config plus its weight files (fingerprints.weight_files_fingerprint); a from-scratch
+    model: its architecture and seed (deterministic init); a hub id: the id."""
     if cfg.model.name_or_path is None:
-        return _digest({"config": cfg.model.config, "seed": cfg.train.seed})
+        return json_digest({"config": cfg.model.config, "seed": cfg.train.seed})[:16]
     folder = Path(cfg.model.name_or_path)
     if not folder.is_dir():
-        return _digest({"hub_id": cfg.model.name_or_path})
-    parts: list[Any] = [(folder / "config.json").read_text() if (folder / "config.json").exists() else ""]
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        size = f.stat().st_size
-        with f.open("rb") as fh:
-            head = fh.read(1 << 20)
-            fh.seek(max(0, size - (1 << 20)))
-            tail = fh.read()
-        parts.append((f.name, size, hashlib.sha256(head + tail).hexdigest()))
-    return _digest(parts)
+        return json_digest({"hub_id": cfg.model.name_or_path})[:16]
+    config = (folder / "config.json").read_text() if (folder / "config.json").exists() else ""
+    return digest([config, weight_files_fingerprint(folder)])[:16]
 
 
 def settings_fingerprint(cfg: RunConfig) -> str:
-    return _digest({"scheme": cfg.loss.scheme, "clip_min": cfg.loss.clip_min, "clip_max": cfg.loss.clip_max})
+    return json_digest({"scheme": cfg.loss.scheme, "clip_min": cfg.loss.clip_min, "clip_max": cfg.loss.clip_max})[:16]
 
 
 def fingerprint(cfg: RunConfig, examples: list[TokenizedExample], tokenizer: Any) -> dict[str, str]:
     return {
         "data": data_fingerprint(examples),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fingerprint(tokenizer)[:16],
         "model": model_fingerprint(cfg),
         "settings": settings_fingerprint(cfg),
     }

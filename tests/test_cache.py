@@ -9,7 +9,7 @@ import pytest
 
 import perce_ds.data.pipeline as pipeline
 from perce_ds.config import RunConfig
-from perce_ds.data.cache import records_fingerprint, tokenizer_fingerprint
+from perce_ds.fingerprints import records_fingerprint, tokenizer_fingerprint
 from tests.test_longlamp import bpe_tokenizer, offline  # noqa: F401  (fixtures)
 
 HUB = Path(__file__).parent / "fixtures" / "longlamp"

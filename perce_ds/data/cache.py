@@ -10,62 +10,22 @@ tokenizers and models, is slow, and changes with unrelated code, which would eit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from perce_ds.data.records import PersonaRecord
+from perce_ds.fingerprints import digest, records_fingerprint, tokenizer_fingerprint
 
 # Bump when prompt building or tokenisation changes what the same inputs produce.
 CACHE_VERSION = "1"
 
 
-def _sha(parts: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-    return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of what decides token ids and prompt text: vocabulary/merges/normaliser, special tokens, template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    core = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extras = json.dumps(
-        {
-            "class": type(tokenizer).__name__,
-            "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-            "eos": tokenizer.eos_token_id,
-            "pad": tokenizer.pad_token_id,
-            "template": tokenizer.chat_template or "",
-        },
-        sort_keys=True,
-    )
-    return _sha([core, extras])
-
-
-def records_fingerprint(records: Iterable[PersonaRecord]) -> str:
-    """A hash of the records' content, in order."""
-    return _sha(json.dumps(r.to_dict(), sort_keys=True, default=str) for r in records)
-
-
-def path_fingerprint(path: str) -> str:
-    """A hash of a local folder's file names, sizes and mtimes (cheap; a changed weight file changes it), or of
-    the string itself when it is not a local path (a hub id)."""
-    root = Path(path)
-    if not path or not root.exists():
-        return _sha([path])
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return _sha(f"{p.relative_to(root.parent)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-
-
 def split_fingerprint(records: list[PersonaRecord], tokenizer: Any, settings: dict[str, Any]) -> str:
     """The cache key of one split: records + tokenizer + settings (JSON-able) + CACHE_VERSION."""
-    return _sha(
+    return digest(
         [
             CACHE_VERSION,
             records_fingerprint(records),

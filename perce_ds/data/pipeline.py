@@ -290,7 +290,7 @@ CACHE_COLUMNS = (
 
 def cache_settings(cfg: RunConfig, role: str) -> dict[str, Any]:
     """Everything besides records and tokenizer that the cached rows depend on."""
-    from perce_ds.data.cache import path_fingerprint
+    from perce_ds.fingerprints import path_fingerprint
 
     r = cfg.data.retrieval
     return {

@@ -7,7 +7,6 @@ they are byte-for-byte the prompts the model was trained on (conditioned, or per
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,6 +21,7 @@ from perce_ds.data.prompts import PromptSettings, TokenizedExample, tokenize_rec
 from perce_ds.data.records import PersonaRecord, RecordError
 from perce_ds.data.sources import load_many
 from perce_ds.evaluation.generation import GenItem
+from perce_ds.fingerprints import digest, weight_files_fingerprint
 
 log = logging.getLogger("perce_ds")
 
@@ -132,26 +132,14 @@ def gen_items(records: list[PersonaRecord], examples: list[TokenizedExample], ab
 
 
 def data_fingerprint(records: list[PersonaRecord], ablated: bool, extra: dict[str, Any]) -> str:
-    """sha256 of what makes generations comparable: records, prompt variant, model, decoding."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r.record_id, r.query, r.response, r.profile], sort_keys=True, default=str).encode())
-    h.update(json.dumps({"ablated": ablated, **extra}, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+    """What makes generations comparable: records, prompt variant, model, decoding."""
+    rows = [json.dumps([r.record_id, r.query, r.response, r.profile], sort_keys=True, default=str) for r in records]
+    return digest([*rows, json.dumps({"ablated": ablated, **extra}, sort_keys=True, default=str)])[:16]
 
 
 def model_identity(model_dir: Path) -> str:
-    """Cheap identity of an exported model: size + sha256 of the weights' first and last MiB."""
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+    """Cheap identity of an exported model's weights (fingerprints.weight_files_fingerprint)."""
+    return weight_files_fingerprint(model_dir)[:16]
 
 
 def resolve_model_dir(run_dir: Path, model: str | None) -> Path:
