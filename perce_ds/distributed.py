@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -49,3 +50,36 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum `values` over all ranks (through `device`: nccl needs CUDA tensors); the result on the CPU."""
+    import torch.distributed as dist
+
+    values = values.to(device)
+    dist.all_reduce(values)
+    return values.cpu()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank's flag is set (so all ranks leave a loop together)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)]), device).item() > 0)
+
+
+def skip_micro_step(engine: Any) -> None:
+    """Count a micro-step that ran no backward; at the accumulation boundary, drop the window's gradients.
+
+    DeepSpeed has no public "discard accumulated gradients" for bf16/fp32 (its skip path exists only for fp16
+    overflow), so this calls the same cleanup that path uses and advances the engine's counters as a skipped
+    step would: the one place that touches DeepSpeed's private state.
+    """
+    if not engine.is_gradient_accumulation_boundary():
+        engine.step()
+        return
+    opt = engine.optimizer
+    if hasattr(opt, "_overflow_clean_up"):
+        opt._overflow_clean_up(getattr(opt, "loss_scale", 1.0))
+    else:
+        opt.zero_grad(set_to_none=True)
+    engine.micro_steps += 1
+    engine.skipped_steps += 1

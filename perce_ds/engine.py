@@ -27,7 +27,7 @@ from perce_ds.config import RunConfig
 from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
 from perce_ds.data.order import DataOrder, shard_batches
 from perce_ds.data.pipeline import PreparedData, prepare_data, require_profiles
-from perce_ds.distributed import init_process_group
+from perce_ds.distributed import all_reduce_sum, any_rank, init_process_group, skip_micro_step
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
 from perce_ds.logging_utils import MetricsLogger, setup_logging
@@ -40,14 +40,9 @@ from perce_ds.model import (
     resolve_dtype,
 )
 from perce_ds.preemption import StopRequest
+from perce_ds.step_stats import StepStats
 
 log = logging.getLogger("perce_ds")
-
-# Sums all-reduced once per step; their ratios are the logged metrics.
-STAT_KEYS = (
-    "wnll", "nll", "tokens", "input_tokens", "pir", "pir_tokens", "personal", "weight",
-    "pir_persona", "n_persona", "pir_other", "n_other",
-)  # fmt: skip
 
 
 class NonFiniteLossError(RuntimeError):
@@ -216,11 +211,6 @@ class Trainer:
             for idx in self.order.window(step, self.rank)
         ]
 
-    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
-        values = values.to(self.device)
-        dist.all_reduce(values)
-        return values.cpu()
-
     def _forward(
         self,
         inputs: PassInputs,
@@ -265,8 +255,10 @@ class Trainer:
         """One optimizer step (or a refused one when a loss is not finite)."""
         t0 = time.perf_counter()
         batches = self.micro_batches(step)
-        n_global = int(self._all_reduce(torch.tensor([float(sum(b.n_response_tokens for b in batches))])).item())
-        sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+        n_global = int(
+            all_reduce_sum(torch.tensor([float(sum(b.n_response_tokens for b in batches))]), self.device).item()
+        )
+        step_stats = StepStats()
         refused = False
         window_scheme = self.offline is None and self.scheme.window_statistic is not None
         # With several micro-batches the window statistic must be known before the first backward: a no-grad
@@ -274,7 +266,7 @@ class Trainer:
         window_mean = self._window_mean_prepass(batches) if window_scheme and len(batches) > 1 else None
         for micro, batch in enumerate(batches):
             if refused:  # the window is lost; keep the engine's micro-step count aligned
-                self._skip_micro_step()
+                skip_micro_step(self.engine)
                 continue
             logp_cond, stats = self.token_stats(batch, step, micro)
             if self.offline is not None:
@@ -285,23 +277,25 @@ class Trainer:
                 weights = token_weights(stats, self.cfg.loss, self.scheme)
                 pir = stats.pir if stats.logp_abl is not None else None
             numerator = weighted_nll_sum(logp_cond, weights)
-            finite = self._all_reduce(torch.tensor([float(torch.isfinite(numerator).item())]))
+            finite = all_reduce_sum(torch.tensor([float(torch.isfinite(numerator).item())]), self.device)
             if finite.item() < self.world:
                 refused = True
-                self._skip_micro_step()
+                skip_micro_step(self.engine)
                 continue
             # DeepSpeed averages gradients over data-parallel ranks; scaling by world / N_global turns
             # that average into one token mean over the whole window on all ranks.
             loss = numerator * (self.world / max(n_global, 1))
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()
-            sums += self._micro_stats(batch, stats, weights, numerator, pir)
-        sums = self._all_reduce(sums)
+            step_stats.add_micro_batch(batch, stats, weights, numerator, pir, self.cfg.loss.clip_min)
+        step_stats.sums = all_reduce_sum(step_stats.sums, self.device)
         if refused:
             return self._refuse(step)
         self.nonfinite_in_a_row = 0
-        dt = time.perf_counter() - t0
-        return StepResult(step, self._metrics(sums, dt), applied=True)
+        metrics = step_stats.metrics(
+            time.perf_counter() - t0, self.engine.get_lr()[0], self.engine.get_global_grad_norm()
+        )
+        return StepResult(step, metrics, applied=True)
 
     def _global_mean(self, stats: list[TokenStats]) -> float:
         """Mean of the scheme's window statistic over these micro-batches' tokens on all ranks."""
@@ -309,7 +303,7 @@ class Trainer:
         for s in stats:
             values = self.scheme.window_statistic(s).double()
             total += torch.tensor([float(values.sum()), float(values.numel())], dtype=torch.float64)
-        total = self._all_reduce(total)
+        total = all_reduce_sum(total, self.device)
         return float(total[0] / total[1]) if total[1] > 0 else 1.0
 
     @torch.no_grad()
@@ -321,23 +315,6 @@ class Trainer:
                 out = self._forward(batch.conditioned, batch, with_entropy=self.scheme.needs_entropy)
                 stats.append(TokenStats(out["logp"], batch.seq_ids(), entropy=out["entropy"]))
         return self._global_mean(stats)
-
-    def _skip_micro_step(self) -> None:
-        """Count a micro-step that ran no backward; at the boundary, drop the window's gradients.
-
-        DeepSpeed has no public "discard accumulated gradients" for bf16/fp32 (its skip path exists
-        only for fp16 overflow), so this calls the same cleanup that path uses.
-        """
-        if not self.engine.is_gradient_accumulation_boundary():
-            self.engine.step()
-            return
-        opt = self.engine.optimizer
-        if hasattr(opt, "_overflow_clean_up"):
-            opt._overflow_clean_up(getattr(opt, "loss_scale", 1.0))
-        else:
-            opt.zero_grad(set_to_none=True)
-        self.engine.micro_steps += 1
-        self.engine.skipped_steps += 1
 
     def _refuse(self, step: int) -> StepResult:
         self.nonfinite_in_a_row += 1
@@ -352,49 +329,6 @@ class Trainer:
                 f"The last checkpoint in {self.ckpt_root} holds finite weights: lower train.lr or inspect the data"
             )
         return StepResult(step, {"refused": 1.0}, applied=False)
-
-    def _micro_stats(
-        self,
-        batch: MicroBatch,
-        stats: TokenStats,
-        weights: torch.Tensor,
-        numerator: torch.Tensor,
-        pir: torch.Tensor | None,
-    ) -> torch.Tensor:
-        s = dict.fromkeys(STAT_KEYS, 0.0)
-        s["wnll"] = float(numerator.detach())
-        s["nll"] = float(-stats.logp_cond.sum())
-        s["tokens"] = float(batch.n_response_tokens)
-        s["input_tokens"] = float(batch.conditioned.n_tokens)
-        s["weight"] = float(weights.sum())
-        if pir is not None:
-            persona = batch.persona_mask[batch.response_mask]
-            s["pir"], s["pir_tokens"] = float(pir.sum()), float(pir.numel())
-            s["personal"] = float((pir > self.cfg.loss.clip_min).sum())
-            s["pir_persona"], s["n_persona"] = float(pir[persona].sum()), float(persona.sum())
-            s["pir_other"], s["n_other"] = float(pir[~persona].sum()), float((~persona).sum())
-        return torch.tensor([s[k] for k in STAT_KEYS], dtype=torch.float64)
-
-    def _metrics(self, sums: torch.Tensor, dt: float) -> dict[str, float | None]:
-        s = dict(zip(STAT_KEYS, sums.tolist(), strict=True))
-
-        def ratio(a: str, b: str) -> float | None:
-            return s[a] / s[b] if s[b] > 0 else None
-
-        return {
-            "loss": ratio("wnll", "tokens"),
-            "ce": ratio("nll", "tokens"),
-            "pir_mean": ratio("pir", "pir_tokens"),
-            "personal_ratio": ratio("personal", "pir_tokens"),
-            "weight_mean": ratio("weight", "tokens"),
-            "pir_persona_tokens": ratio("pir_persona", "n_persona"),
-            "pir_other_tokens": ratio("pir_other", "n_other"),
-            "response_tokens": s["tokens"],
-            "tokens_per_s": s["input_tokens"] / dt if dt > 0 else None,
-            "step_time_s": dt,
-            "lr": self.engine.get_lr()[0],
-            "grad_norm": _finite_or_none(self.engine.get_global_grad_norm()),
-        }
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -424,7 +358,7 @@ class Trainer:
                     ], dtype=torch.float64)  # fmt: skip
         finally:
             self.engine.train()
-        sums = self._all_reduce(sums).tolist()
+        sums = all_reduce_sum(sums, self.device).tolist()
         n, n_persona = sums[2], sums[4]
         return {
             "eval_ce": sums[0] / n if n else None,
@@ -479,7 +413,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.4f}" if last.get("loss") is not None else "n/a")
                 if self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0 and step < self.total_steps:
                     self._evaluate_and_log(step)  # the final one comes after the loop
-                if self._any_rank(stop.requested()):
+                if any_rank(stop.requested(), self.device):
                     break
                 if self.cfg.train.save_every and step % self.cfg.train.save_every == 0 and step < end:
                     self.save(step)
@@ -537,10 +471,6 @@ class Trainer:
         self.engine.train()
         return result
 
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank when any rank's flag is set (so all ranks leave the loop together)."""
-        return bool(self._all_reduce(torch.tensor([float(flag)])).item() > 0)
-
     def _summary(self, last: dict[str, float | None]) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
@@ -563,11 +493,3 @@ class Trainer:
             f"clip [{self.cfg.loss.clip_min}, {self.cfg.loss.clip_max}]) for {self.total_steps} steps on "
             f"{self.world} rank(s).\n\n## Training config\n\n```yaml\n{yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)}```\n"
         )
-
-
-def _finite_or_none(x: Any) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -22,9 +22,10 @@ import torch.distributed as dist
 from perce_ds.config import ConfigError, RunConfig
 from perce_ds.data.collate import MicroBatch, collate
 from perce_ds.data.order import shard_batches
+from perce_ds.data.pipeline import PreparedData
 from perce_ds.data.prompts import TokenizedExample
 from perce_ds.fingerprints import digest, json_digest, tokenizer_fingerprint, weight_files_fingerprint
-from perce_ds.loss import token_weights
+from perce_ds.loss import TokenStats, WeightScheme, token_weights
 
 log = logging.getLogger("perce_ds")
 INDEX = "index.json"
@@ -59,8 +60,23 @@ def fingerprint(cfg: RunConfig, examples: list[TokenizedExample], tokenizer: Any
     }
 
 
+class Scorer(Protocol):
+    """What the E-step needs of a trainer (perce_ds.engine.Trainer built with inference_only=True)."""
+
+    cfg: RunConfig
+    data: PreparedData
+    tokenizer: Any
+    scheme: WeightScheme
+    rank: int
+    world: int
+    is_rank0: bool
+    device: torch.device
+
+    def token_stats(self, batch: MicroBatch, step: int, micro: int) -> tuple[torch.Tensor, TokenStats]: ...
+
+
 @torch.no_grad()
-def estimate(trainer: Any, out_dir: Path, print_every: int = 50) -> dict[str, Any]:
+def estimate(trainer: Scorer, out_dir: Path) -> dict[str, Any]:
     """Run the no-grad PIR pass over the training split on all ranks and write the weights.
 
     Every rank scores its shard_batches(); the weights come from Trainer.token_stats, the very
@@ -79,7 +95,6 @@ def estimate(trainer: Any, out_dir: Path, print_every: int = 50) -> dict[str, An
     rank, world = trainer.rank, trainer.world
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list] = {"record_id": [], "response_ids": [], "pir": [], "weight": []}
-    trainer.module.set_activation_checkpointing(False)
     batches = shard_batches(len(examples), rank, world, cfg.train.micro_batch_size)
     for idx, keep in tqdm(batches, disable=not trainer.is_rank0, desc="E-step"):
         batch = collate([examples[i] for i in idx], trainer.tokenizer.pad_token_id, scored=keep)
