@@ -24,10 +24,11 @@ How it is measured
   `torch.cuda.max_memory_allocated()` (the baseline is 0). The memory workers run with
   MALLOC_MMAP_THRESHOLD_=65536 so freed buffers go back to the OS and RSS follows live memory.
   The timing job also records each step's transient (peak minus memory at the step's start).
-* **Where the time goes** (`breakdown`): a few extra rounds after the timed ones with wrappers around
-  `PerceLM.pass_logprobs` (ablated pass = the one run under no_grad), `engine.backward`, `engine.step`,
-  DeepSpeed's ZeRO-3 `fetch_sub_module`/`release_sub_module` (all-gather and its bookkeeping, attributed
-  to the phase that triggered it) and the chunked log-prob head (forward and its autograd backward);
+* **Where the time goes** (`breakdown`): a few extra rounds after the timed ones under
+  `perce_ds.profiling.timing`, which times the phases the package marks itself (the ablated and conditioned
+  passes, the chunked log-prob head and its autograd backward, backward, optimizer step, offline-weight
+  lookup), plus DeepSpeed's ZeRO-3 `fetch_sub_module`/`release_sub_module` (all-gather and its bookkeeping,
+  attributed to the phase that triggered it; wrapped here, DeepSpeed has no instrumentation points);
   `other` = step time minus the phases (collate, metrics, all-reduces of counts/stats, Python).
 
 The analytic floor
@@ -64,7 +65,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -85,6 +85,8 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.longlamp_shape import Shape, make_records, tokenizer_texts  # noqa: E402
+from perce_ds.profiling import PhaseTimer  # noqa: E402
+from perce_ds.profiling import timing as phase_timing  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 TIME_TARGET = 1.05  # online PerCE / CE <= 1.05 x the floor
@@ -214,79 +216,29 @@ def step_flops(batches: list[Any], fm: FlopModel) -> StepFlops:
 
 
 # ---------------------------------------------------------------- phase breakdown
-class PhaseTimer:
-    """Accumulates wall time per phase; nested calls are charged to '<outer phase>/<inner>'."""
+@contextlib.contextmanager
+def zero3_phases(timer: PhaseTimer) -> Iterator[None]:
+    """Charge DeepSpeed's ZeRO-3 parameter fetch/release (all-gather and its bookkeeping) to the phase that
+    triggered it. perce_ds marks its own phases (perce_ds.profiling); DeepSpeed offers no such points, so its
+    coordinator's two methods are wrapped here, and an AttributeError says so if DeepSpeed renames them."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
 
-    def __init__(self, sync: Callable[[], None]):
-        self.sync = sync
-        self.totals: dict[str, float] = defaultdict(float)
-        self.stack: list[str] = []
+    saved = {name: getattr(Coordinator, name) for name in ("fetch_sub_module", "release_sub_module")}
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        key = f"{self.stack[0]}/{name}" if self.stack else name
-        self.stack.append(name)
-        self.sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.totals[key] += time.perf_counter() - t0
-            self.stack.pop()
-
-    def wrap(self, fn: Callable[..., Any], name: str | Callable[..., str]) -> Callable[..., Any]:
+    def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with self.phase(name(*args, **kwargs) if callable(name) else name):
+            with timer.phase(label):
                 return fn(*args, **kwargs)
 
         return wrapped
 
-
-@contextlib.contextmanager
-def instrumented(trainers: dict[str, Any], timer: PhaseTimer) -> Iterator[None]:
-    """Patch timing wrappers into the trainers, DeepSpeed's ZeRO-3 coordinator and the log-prob head."""
-    import torch
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
-    import perce_ds.model as model_mod
-    from perce_ds.loss import _ChunkedTokenLogprob
-
-    saved_class = {
-        (PartitionedParameterCoordinator, "fetch_sub_module"): PartitionedParameterCoordinator.fetch_sub_module,
-        (PartitionedParameterCoordinator, "release_sub_module"): PartitionedParameterCoordinator.release_sub_module,
-    }
-    saved_head, saved_bwd = model_mod.chunked_token_logprobs, _ChunkedTokenLogprob.backward
-    saved_pass = model_mod.PerceLM.pass_logprobs
-    PartitionedParameterCoordinator.fetch_sub_module = timer.wrap(
-        saved_class[(PartitionedParameterCoordinator, "fetch_sub_module")], "zero3_fetch"
-    )
-    PartitionedParameterCoordinator.release_sub_module = timer.wrap(
-        saved_class[(PartitionedParameterCoordinator, "release_sub_module")], "zero3_release"
-    )
-    model_mod.chunked_token_logprobs = timer.wrap(saved_head, "logprob_head")
-    _ChunkedTokenLogprob.backward = staticmethod(timer.wrap(saved_bwd, "logprob_head_bwd"))
-    model_mod.PerceLM.pass_logprobs = timer.wrap(
-        saved_pass, lambda *a, **k: "cond_fwd" if torch.is_grad_enabled() else "ablated_fwd"
-    )
-    for t in trainers.values():
-        t.engine.backward = timer.wrap(t.engine.backward, "backward")
-        t.engine.step = timer.wrap(t.engine.step, "optimizer_step")
-        if getattr(t, "offline", None) is not None:
-            t.offline.for_batch = timer.wrap(t.offline.for_batch, "offline_weights_lookup")
+    Coordinator.fetch_sub_module = timed(saved["fetch_sub_module"], "zero3_fetch")
+    Coordinator.release_sub_module = timed(saved["release_sub_module"], "zero3_release")
     try:
         yield
     finally:
-        for (cls, name), fn in saved_class.items():
-            setattr(cls, name, fn)
-        model_mod.chunked_token_logprobs = saved_head
-        _ChunkedTokenLogprob.backward = staticmethod(saved_bwd)
-        model_mod.PerceLM.pass_logprobs = saved_pass
-        for t in trainers.values():
-            for name in ("backward", "step"):
-                vars(t.engine).pop(name, None)
-            if getattr(t, "offline", None) is not None:
-                vars(t.offline).pop("for_batch", None)
+        for name, fn in saved.items():
+            setattr(Coordinator, name, fn)
 
 
 # ---------------------------------------------------------------- attention kernel
@@ -409,7 +361,7 @@ def worker_time(spec: dict[str, Any], out: Path) -> None:
     for s in schemes:
         timer = PhaseTimer(_sync)
         totals = []
-        with instrumented({s: trainers[s]}, timer):
+        with phase_timing(timer), zero3_phases(timer):
             for k in range(spec["breakdown_rounds"]):
                 _sync()
                 t0 = time.perf_counter()

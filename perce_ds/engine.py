@@ -40,6 +40,7 @@ from perce_ds.model import (
     resolve_dtype,
 )
 from perce_ds.preemption import StopRequest
+from perce_ds.profiling import phase
 from perce_ds.step_stats import StepStats
 
 log = logging.getLogger("perce_ds")
@@ -270,7 +271,8 @@ class Trainer:
                 continue
             logp_cond, stats = self.token_stats(batch, step, micro)
             if self.offline is not None:
-                weights, pir = self.offline.for_batch(batch)
+                with phase("offline_weights_lookup"):
+                    weights, pir = self.offline.for_batch(batch)
             else:
                 if window_scheme:
                     stats.window_mean = window_mean if window_mean is not None else self._global_mean([stats])
@@ -285,8 +287,10 @@ class Trainer:
             # DeepSpeed averages gradients over data-parallel ranks; scaling by world / N_global turns
             # that average into one token mean over the whole window on all ranks.
             loss = numerator * (self.world / max(n_global, 1))
-            self.engine.backward(loss, scale_wrt_gas=False)
-            self.engine.step()
+            with phase("backward"):
+                self.engine.backward(loss, scale_wrt_gas=False)
+            with phase("optimizer_step"):
+                self.engine.step()
             step_stats.add_micro_batch(batch, stats, weights, numerator, pir, self.cfg.loss.clip_min)
         step_stats.sums = all_reduce_sum(step_stats.sums, self.device)
         if refused:

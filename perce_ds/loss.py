@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from perce_ds.profiling import phase
+
 
 def logits_kernel(device: torch.device, dtype: torch.dtype) -> str:
     """How a chunk's fp32 logits are formed from `dtype` hidden states and output embedding on `device`.
@@ -89,6 +91,11 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
+        with phase("logprob_head_bwd"):
+            return _ChunkedTokenLogprob._backward(ctx, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -133,7 +140,8 @@ def chunked_token_logprobs(
     """
     if chunk_size <= 0:
         raise ValueError(f"loss.logprob_chunk_size must be positive, got {chunk_size}")
-    logp, entropy = _ChunkedTokenLogprob.apply(hidden, weight, targets, chunk_size, with_entropy)
+    with phase("logprob_head"):
+        logp, entropy = _ChunkedTokenLogprob.apply(hidden, weight, targets, chunk_size, with_entropy)
     return logp, (entropy if with_entropy else None)
 
 

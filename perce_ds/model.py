@@ -18,6 +18,7 @@ from torch import nn
 
 from perce_ds.config import ConfigError, ModelConfig
 from perce_ds.loss import chunked_token_logprobs
+from perce_ds.profiling import phase
 
 log = logging.getLogger("perce_ds")
 
@@ -148,13 +149,14 @@ class PerceLM(nn.Module):
         out: dict[str, torch.Tensor | None] = {}
         if ablated is not None:
             # Nothing to save without grad; never inference_mode: its tensors break a later ZeRO-3 backward.
-            with self.activation_checkpointing_paused(), torch.no_grad():
+            with self.activation_checkpointing_paused(), torch.no_grad(), phase("ablated_fwd"):
                 out["logp_ablated"] = self.pass_logprobs(
                     response_ids=response_ids, response_mask=response_mask, **ablated
                 )[0]
-        logp, entropy = self.pass_logprobs(
-            input_ids, attention_mask, position_ids, predict_index, response_ids, response_mask, with_entropy
-        )
+        with phase("cond_fwd" if torch.is_grad_enabled() else "cond_fwd_nograd"):
+            logp, entropy = self.pass_logprobs(
+                input_ids, attention_mask, position_ids, predict_index, response_ids, response_mask, with_entropy
+            )
         return {"logp": logp, "entropy": entropy, **out}
 
     def pass_logprobs(
