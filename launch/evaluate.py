@@ -5,6 +5,8 @@
 
 Writes <run>/eval/ (or <run>/eval/<name>/ for other splits, --ablated, --tasks): generations.jsonl
 (streamed; rerun the same command to resume), per_record.jsonl, scores.json, report.md.
+--predict-only (a split without references, e.g. LaMP's test questions) writes no scores but the benchmark's
+submission files: predictions_LaMP_N.json ({"task", "golds": [{"id", "output"}]}), else predictions.jsonl.
 Under a launcher each rank generates a shard; rank 0 writes the files.
 """
 
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", nargs="*", default=[], help="record files of the split (needed for a file-based test split)"
     )
     p.add_argument("--ablated", action="store_true", help="prompts without profiles (persona-ablated)")
+    p.add_argument(
+        "--predict-only", action="store_true", help="no references: generate and write submission files, no scores"
+    )
     p.add_argument("--model", help="HF folder to evaluate (default: <run>/hf)")
     p.add_argument("--checkpoint", help="a checkpoints/step_N directory instead of the exported model")
     p.add_argument("--zero3", action="store_true", help="shard the model with ZeRO-3 and generate with synced_gpus")
@@ -73,14 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     opts = EvalOptions(
         run=args.run, split=args.split, tasks=args.tasks, data=args.data, ablated=args.ablated, model=args.model,
         checkpoint=args.checkpoint, zero3=args.zero3, name=args.name, overwrite=args.overwrite, limit=args.limit,
-        generation=settings, seed=args.seed, dist_timeout_s=args.dist_timeout,
+        generation=settings, seed=args.seed, dist_timeout_s=args.dist_timeout, predict_only=args.predict_only,
     )  # fmt: skip
     try:
         scores = evaluate_run(opts)
     except EvalInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if scores is not None:
+    if scores is not None and opts.predict_only:
+        print(
+            f"wrote {', '.join(scores['files'])} ({scores['records']} records, {scores['missing']} without a generation)"
+        )
+    elif scores is not None:
         out = args.run / "eval" / opts.output_name()
         print((out / "report.md").read_text())
         print(f"wrote {out}/report.md, scores.json, per_record.jsonl, generations.jsonl")

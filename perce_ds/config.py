@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import yaml
 
+from perce_ds.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe or override that cannot be used; the message names the key."""
 
 

@@ -22,10 +22,9 @@ from typing import Any
 from perce_ds.data.prompts import PROFILE_FORMATS, ProfileFormat
 from perce_ds.data.records import SKIP_HINT, PersonaRecord, RecordError, record_from_dict
 from perce_ds.data.sources import LoadReport
+from perce_ds.errors import DataSourceError
 
-
-class DataSourceError(ValueError):
-    """A dataset, config, split or schema that cannot be used; the message names which and what was found."""
+__all__ = ["DataSourceError"]  # re-exported: readers raise it from here
 
 
 @dataclass(frozen=True)
@@ -259,14 +258,23 @@ def _first_item_fields(rows: Sequence[dict[str, Any]]) -> set[str] | None:
 
 
 def row_to_record(
-    row: dict[str, Any], index: int, spec: TaskSpec, mapping: dict[str, str], source: str, record_id: str
+    row: dict[str, Any],
+    index: int,
+    spec: TaskSpec,
+    mapping: dict[str, str],
+    source: str,
+    record_id: str,
+    require_response: bool = True,
 ) -> PersonaRecord:
-    """One row as a PersonaRecord; RecordError names source (dataset, config, split), row and field."""
+    """One row as a PersonaRecord; RecordError names source (dataset, config, split), row and field.
+    `require_response=False`: a row without `output` (a prediction-only split) gets the response ""."""
     where = f"row {index}"
     user_field = next((f for f in spec.user_fields if row.get(f) not in (None, "")), None)
     if user_field is None:
         raise RecordError(source, where, spec.user_fields[0], "missing", SKIP_HINT)
     for name in ("input", "output"):
+        if name == "output" and not require_response and row.get(name) is None:
+            continue
         if row.get(name) is None:
             raise RecordError(source, where, name, "missing", SKIP_HINT)
         if not isinstance(row[name], str):
@@ -289,12 +297,12 @@ def row_to_record(
         "user_id": str(row[user_field]),
         "task": spec.name,
         "query": row["input"],
-        "response": row["output"],
+        "response": row.get("output"),
         "profile": items,
         "record_id": record_id,
     }
     try:
-        return record_from_dict(raw, source, where)
+        return record_from_dict(raw, source, where, require_response)
     except RecordError as e:  # name the dataset's own field, not the PersonaRecord one
         names = {"query": "input", "response": "output", "user_id": user_field}
         raise RecordError(source, where, names.get(e.field_name, e.field_name), e.problem, SKIP_HINT) from None
@@ -308,16 +316,28 @@ def rows_to_records(
     on_bad_record: str = "error",
     max_records: int = 0,
     seed: int = 0,
+    require_response: bool = True,
+    id_field: str = "",
 ) -> tuple[list[PersonaRecord], LoadReport]:
-    """Schema-check once, then convert the (optionally sub-sampled) rows; bad rows raise or are counted."""
+    """Schema-check once, then convert the (optionally sub-sampled) rows; bad rows raise or are counted.
+
+    Record ids are `<id_prefix>/<row index>`, or `<id_prefix>/<row[id_field]>` when the dataset has its own ids
+    (LaMP: its submission format is keyed by them). `require_response=False` reads a split without outputs.
+    """
     columns = set(getattr(rows, "column_names", None) or (rows[0].keys() if len(rows) else ()))
     if len(rows) and not any(f in columns for f in spec.user_fields):
         raise DataSourceError(
             f"{source}: rows have fields {sorted(columns)}; expected a user id field {list(spec.user_fields)}"
         )
     for name in ("input", "output", "profile"):
-        if len(rows) and name not in columns:
-            raise DataSourceError(f"{source}: rows have fields {sorted(columns)}; the field {name!r} is missing")
+        if len(rows) and name not in columns and (require_response or name != "output"):
+            hint = (
+                " (a prediction-only split without references: it can be generated for with "
+                "`launch/evaluate.py --predict-only`, not trained on or scored)"
+                if name == "output"
+                else ""
+            )
+            raise DataSourceError(f"{source}: rows have fields {sorted(columns)}; the field {name!r} is missing{hint}")
     found = _first_item_fields(rows)
     mapping = item_field_mapping(spec, found, source) if found is not None else {}
     report = LoadReport(source=source)
@@ -325,7 +345,9 @@ def rows_to_records(
     for i, row in _iter_selected(rows, subset_indices(len(rows), max_records, seed)):
         report.read += 1
         try:
-            records.append(row_to_record(row, i, spec, mapping, source, f"{id_prefix}/{i}"))
+            own_id = row.get(id_field) if id_field else None
+            record_id = f"{id_prefix}/{own_id if own_id not in (None, '') else i}"
+            records.append(row_to_record(row, i, spec, mapping, source, record_id, require_response))
         except RecordError as e:
             if on_bad_record == "error":
                 raise
@@ -343,9 +365,10 @@ def load_longlamp(
     max_records: int = 0,
     seed: int = 0,
     cache_dir: str | None = None,
+    require_response: bool = True,
 ) -> tuple[list[PersonaRecord], LoadReport]:
     """PersonaRecords of one LongLaMP (dataset, config, split), with a LoadReport of what was read and skipped."""
     spec = task_for_config(config)
     rows = load_rows(dataset, config, split, cache_dir)
     source = f"{dataset} [config {config}, split {split}]"
-    return rows_to_records(rows, spec, source, f"{config}/{split}", on_bad_record, max_records, seed)
+    return rows_to_records(rows, spec, source, f"{config}/{split}", on_bad_record, max_records, seed, require_response)

@@ -101,8 +101,11 @@ def tokenizer_dir(cfg: RunConfig) -> Path:
     return cfg.run_dir / "tokenizer"
 
 
-def load_task_split(cfg: RunConfig, role: str) -> tuple[list[PersonaRecord], LoadReport | None]:
-    """Records of the train or eval split of a longlamp / lamp source (([], None) when the split is unset)."""
+def load_task_split(
+    cfg: RunConfig, role: str, require_response: bool = True
+) -> tuple[list[PersonaRecord], LoadReport | None]:
+    """Records of the train or eval split of a longlamp / lamp source (([], None) when the split is unset);
+    `require_response=False` also reads a prediction-only split (no references)."""
     d = cfg.data
     section = d.longlamp if d.source == "longlamp" else d.lamp
     split = section.train_split if role == "train" else section.eval_split
@@ -114,11 +117,14 @@ def load_task_split(cfg: RunConfig, role: str) -> tuple[list[PersonaRecord], Loa
         from perce_ds.data.longlamp import load_longlamp
 
         return load_longlamp(
-            section.dataset, section.config, split, d.on_bad_record, max_records, d.subset_seed, hf_cache
-        )
+            section.dataset, section.config, split, d.on_bad_record, max_records, d.subset_seed, hf_cache,
+            require_response,
+        )  # fmt: skip
     from perce_ds.data.lamp import load_lamp
 
-    return load_lamp(section.path, section.task, split, d.on_bad_record, max_records, d.subset_seed, hf_cache)
+    return load_lamp(
+        section.path, section.task, split, d.on_bad_record, max_records, d.subset_seed, hf_cache, require_response
+    )
 
 
 def cache_root(cfg: RunConfig) -> Path:
