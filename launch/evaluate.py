@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     from perce_ds.distributed import shutdown
     from perce_ds.evaluation.evaluate import EvalOptions, evaluate_run
     from perce_ds.evaluation.generation import GenerationSettings
-    from perce_ds.evaluation.runs import EvalInputError
     from perce_ds.logging_utils import setup_logging
 
     setup_logging(int(__import__("os").environ.get("RANK", "0")) == 0)
@@ -80,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint=args.checkpoint, zero3=args.zero3, name=args.name, overwrite=args.overwrite, limit=args.limit,
         generation=settings, seed=args.seed, dist_timeout_s=args.dist_timeout, predict_only=args.predict_only,
     )  # fmt: skip
-    try:
-        scores = evaluate_run(opts)
-    except EvalInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    scores = evaluate_run(opts)
     if scores is not None and opts.predict_only:
         print(
             f"wrote {', '.join(scores['files'])} ({scores['records']} records, {scores['missing']} without a generation)"
@@ -98,4 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from perce_ds.cli import exit_code_of
+
+    sys.exit(exit_code_of(main))

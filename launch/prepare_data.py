@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from perce_ds.cli import parse_overrides  # noqa: E402
+from perce_ds.cli import exit_code_of, parse_overrides  # noqa: E402
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -110,4 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

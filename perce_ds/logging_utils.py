@@ -27,6 +27,14 @@ def setup_logging(is_rank0: bool, log_file: Path | None = None) -> None:
         log.addHandler(file_handler)
 
 
+def log_to_files_only(message: str, exc: BaseException) -> None:
+    """`message` with `exc`'s traceback into the log files (train.log), not onto the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), (type(exc), exc, exc.__traceback__))
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 METRICS_FILES = {"train": "metrics.jsonl", "eval": "eval_metrics.jsonl"}
 
 

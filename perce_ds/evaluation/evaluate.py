@@ -64,10 +64,7 @@ def init_dist(timeout_s: int, needed: bool) -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     apply_slurm_env()  # a bare `srun` sets SLURM_* only
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or needed:
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        init_process_group(timeout_s)
+        init_process_group(timeout_s)  # one process when no launcher set the variables
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
