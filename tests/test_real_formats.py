@@ -211,3 +211,36 @@ def test_predict_only_writes_lamp_submission(tmp_path):
         generated[f"LaMP_4/test/{q['id']}"]["generation"] for q in questions
     ]
     assert not (run / "eval" / "predictions" / "scores.json").exists()
+
+
+# ----------------------------------------------------------------------------------------- datasets feature types
+
+
+class _Rows(list):
+    """Rows as datasets 3.x hands them over: `features` describes a list of structs as a plain list."""
+
+    def __init__(self, rows, features):
+        super().__init__(rows)
+        self.features = features
+        self.column_names = list(rows[0])
+
+
+def _topic_rows(item_keys):
+    return [
+        {"author": f"a{i}", "input": "Write a post.", "output": "A post.", "profile": [dict.fromkeys(item_keys, "x")]}
+        for i in range(2)
+    ]
+
+
+def test_item_fields_checked_whatever_the_feature_types():
+    from datasets import Value
+
+    from perce_ds.data.longlamp import LONGLAMP_TASKS, rows_to_records
+
+    spec = LONGLAMP_TASKS["topic_writing"]
+    old_style = {"profile": [{"input": Value("string"), "output": Value("string")}]}
+    records, _ = rows_to_records(_Rows(_topic_rows(["input", "output"]), old_style), spec, "src", "t")
+    assert all(r.profile == [{"summary": "x", "content": "x"}] for r in records)  # the variant is mapped
+    bad = {"profile": [{"title": Value("string")}]}
+    with pytest.raises(DataSourceError, match=r"src: profile items have fields \['title'\]"):
+        rows_to_records(_Rows(_topic_rows(["title"]), bad), spec, "src", "t")

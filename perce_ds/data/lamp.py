@@ -131,7 +131,6 @@ class _WithOutputs:
 
     def __init__(self, questions: Any, output_of: dict[str, str]):
         self.questions, self.output_of = questions, output_of
-        self.features = questions.features
         self.column_names = [*questions.column_names, "output"]
 
     def __len__(self) -> int:

@@ -246,11 +246,13 @@ def item_field_mapping(spec: TaskSpec, found: set[str], source: str) -> dict[str
 
 
 def _first_item_fields(rows: Sequence[dict[str, Any]]) -> set[str] | None:
-    features = getattr(rows, "features", None)
-    if features is not None and "profile" in features:
-        inner = getattr(features["profile"], "feature", None)
-        return set(inner) if isinstance(inner, dict) else None
-    for row in rows:  # plain rows: the first non-empty list profile
+    """The fields of the first profile item of the first row that has one (None when no row has an item).
+
+    Read from the rows themselves, not from `datasets` feature types: those changed shape across versions
+    (3.x describes a list of structs as a plain list, 5.x as `List`), and a check keyed on one shape would be
+    skipped without a word on the other. Arrow rows carry every field of the struct (None where an item
+    lacks it), so the first item shows all the fields the split has."""
+    for row in rows:
         profile = row.get("profile")
         if isinstance(profile, list) and profile and isinstance(profile[0], dict):
             return set(profile[0])
