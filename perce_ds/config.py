@@ -151,11 +151,19 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # ROUGE/METEOR settings and the decoding that goes with them (perce_ds/evaluation/metrics.py PRESETS):
+    # strict (ours), longlamp (LongLaMP's own scripts), mirror (the MIRROR re-implementation)
+    metrics_preset: str = "strict"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     recipe: str = ""  # where it came from (informational)
 
     @classmethod
@@ -188,10 +196,15 @@ class RunConfig:
 
     def validate(self) -> None:
         """Cross-field checks that types alone cannot express."""
+        from perce_ds.evaluation.metrics import PRESETS
         from perce_ds.loss import REGISTRY
 
         if self.loss.scheme not in REGISTRY:
             raise ConfigError(f"loss.scheme: unknown scheme {self.loss.scheme!r}; known: {sorted(REGISTRY)}")
+        if self.eval.metrics_preset not in PRESETS:
+            raise ConfigError(
+                f"eval.metrics_preset: unknown preset {self.eval.metrics_preset!r}; known: {sorted(PRESETS)}"
+            )
         if self.loss.clip_min > self.loss.clip_max:
             raise ConfigError(f"loss.clip_min ({self.loss.clip_min}) exceeds loss.clip_max ({self.loss.clip_max})")
         if self.loss.clip_min <= 0 and not self.loss.allow_nonpositive_clip_min:

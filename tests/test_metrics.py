@@ -144,3 +144,49 @@ def test_setup_wordnet_without_root_or_apt_gives_documented_meteor(tmp_path):
         [sys.executable, "-c", code, str(tmp_path / "nltk")], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert out.stdout.strip() == "0.6944", out.stderr[-2000:]
+
+
+# Identical texts, so every token matches in one chunk: METEOR = 1 - 0.5 * (1 / matches)^3 (NLTK: gamma 0.5,
+# beta 3, Fmean 1), and the presets differ only in how many tokens METEOR sees.
+PRESET_METEOR = {
+    "strict": 1 - 0.5 * (1 / 4) ** 3,  # I, don, ', t
+    "longlamp": 1 - 0.5 * (1 / 3) ** 3,  # I, do, n't  (NLTK's Treebank tokens)
+    "mirror": 1 - 0.5 * (1 / 2) ** 3,  # I, don't  (white space)
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_METEOR))
+def test_presets_differ_on_a_fixed_example(preset):
+    assert metrics.meteor("I don't", "I don't", preset) == pytest.approx(PRESET_METEOR[preset], abs=1e-12)
+    # ROUGE-1 of "The cats were running." vs "the cat runs": with the stemmer 3 of 4 / 3 of 3 unigrams match
+    # (the, cat, run), without it only "the" (1 of 4 / 1 of 3)
+    r1 = metrics.rouge("The cats were running.", "the cat runs", preset)["rouge1"]
+    expected = 2 * (3 / 4) * 1 / (3 / 4 + 1) if preset == "strict" else 2 * (1 / 4) * (1 / 3) / (1 / 4 + 1 / 3)
+    assert r1 == pytest.approx(expected, abs=1e-12)
+
+
+def test_report_names_its_preset_and_compare_refuses_mixed_presets(tmp_path):
+    from perce_ds.errors import UserError
+    from perce_ds.evaluation.report import compare_runs, write_eval_outputs
+
+    refs = {"a": ("t", "I don't"), "b": ("t", "the cat runs")}
+    for preset in ("strict", "mirror"):
+        per = score_generations(refs, {"a": "I don't", "b": "The cats were running."}, preset)
+        scores = write_eval_outputs(tmp_path / preset, per, {"run": "r", "metrics_preset": preset})
+        assert scores["meta"]["rouge_stemming"] is (preset == "strict")
+        assert f"Metrics preset `{preset}`" in (tmp_path / preset / "report.md").read_text()
+        assert scores["by_task"]["t"]["meteor"]["mean"] == pytest.approx(
+            (PRESET_METEOR[preset] + metrics.meteor("The cats were running.", "the cat runs", preset)) / 2
+        )
+    with pytest.raises(UserError, match="different metrics presets"):
+        compare_runs([tmp_path / "strict", tmp_path / "mirror"], ["a", "b"])
+
+
+def test_unknown_preset_is_a_config_error():
+    from perce_ds.config import ConfigError, RunConfig
+
+    assert RunConfig.load(None, ["model.name_or_path=x", "data.synthetic.enabled=true"]).eval.metrics_preset == "strict"
+    with pytest.raises(
+        ConfigError, match="eval.metrics_preset: unknown preset 'paper'; known: \\['longlamp', 'mirror', 'strict'\\]"
+    ):
+        RunConfig.load(None, ["model.name_or_path=x", "data.synthetic.enabled=true", "eval.metrics_preset=paper"])

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from perce_ds.distributed import apply_slurm_env, init_process_group
 from perce_ds.evaluation import report, runs
 from perce_ds.evaluation.generation import GenerationSettings, read_generations, run_generation, texts_by_id
-from perce_ds.evaluation.metrics import ensure_wordnet
+from perce_ds.evaluation.metrics import DEFAULT_PRESET, ensure_wordnet
 from perce_ds.model import resolve_dtype
 
 log = logging.getLogger("perce_ds")
@@ -47,12 +47,14 @@ class EvalOptions:
     seed: int = 0
     dist_timeout_s: int = 1800
     predict_only: bool = False  # generate and write submission files; no references needed, no scores
+    metrics_preset: str | None = None  # None: the run's eval.metrics_preset
 
     def output_name(self) -> str:
         if self.name is not None:
             return self.name
         parts = [] if self.split == "test" else [self.split]
         parts += ["predictions"] if self.predict_only else []
+        parts += [self.metrics_preset] if self.metrics_preset not in (None, DEFAULT_PRESET) else []
         parts += ["ablated"] if self.ablated else []
         parts += ["+".join(sorted(self.tasks))] if self.tasks else []
         return "-".join(parts)
@@ -137,6 +139,7 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
         "model": str(model_dir or opts.checkpoint), "model_id": model_id, "generation": opts.generation.to_dict(),
         "n_records": len(records), "prompts_with_lifted_length_budget": relaxed, "seed": opts.seed,
         "data": list(opts.data), "world_size": world, "zero3": opts.zero3, "predict_only": opts.predict_only,
+        "metrics_preset": opts.metrics_preset or cfg.eval.metrics_preset,
     }  # fmt: skip
     fp_extra = {k: meta[k] for k in ("model_id", "generation")}
     meta["fingerprint"] = runs.data_fingerprint(records, opts.ablated, fp_extra)
@@ -166,7 +169,7 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
 
         return write_predictions(out_dir, records, texts_by_id(rows.values()))
     references = {r.record_id: (r.task, r.response) for r in records}
-    per_record = report.score_generations(references, texts_by_id(rows.values()))
+    per_record = report.score_generations(references, texts_by_id(rows.values()), meta["metrics_preset"])
     scores = report.write_eval_outputs(out_dir, per_record, meta)
     report.plot_training_curves([run_dir], [run_dir.name], out_dir / "training_curves.png")
     return scores
