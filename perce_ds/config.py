@@ -146,7 +146,10 @@ class TrainConfig:
     save_init_model: bool = False  # export the starting model to <run>/hf_init (before/after insight)
     final_generation_eval: bool = False  # end with generation + ROUGE/METEOR + PIR F1 on the eval split
     eval_max_new_tokens: int = 64
-    tensorboard: bool = True
+    # where step metrics go besides metrics.jsonl: tensorboard (<run>/tensorboard/) and/or wandb (rank 0, run
+    # name = run directory name, resumed runs continue the same wandb run; `pip install -e '.[wandb]'`)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool | None = None  # legacy alias: false drops tensorboard from report_to, true adds it
     dist_timeout_s: int = 1800
 
 
@@ -228,6 +231,27 @@ class RunConfig:
             raise ConfigError("data.max_length must be >= 8 and data.max_profile_tokens >= 0")
         if len(self.train.adam_betas) != 2:
             raise ConfigError("train.adam_betas must hold two numbers")
+        self._resolve_report_to()
+
+    def _resolve_report_to(self) -> None:
+        """Fold the legacy train.tensorboard flag into train.report_to (the one place), then check the names."""
+        from perce_ds.logging_utils import REPORTERS
+
+        t = self.train
+        if t.tensorboard is not None:
+            t.report_to = [r for r in t.report_to if r != "tensorboard"] + (["tensorboard"] if t.tensorboard else [])
+            t.tensorboard = None
+        unknown = sorted(set(t.report_to) - set(REPORTERS))
+        if unknown:
+            raise ConfigError(f"train.report_to: unknown {unknown}; known: {list(REPORTERS)}")
+        if "wandb" in t.report_to:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError(
+                    "train.report_to includes wandb but the wandb package is not installed: "
+                    "pip install -e '.[wandb]' (or drop wandb from train.report_to)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
