@@ -54,6 +54,7 @@ def split_stats(examples: list[Any], report: Any) -> dict[str, Any]:
         "empty_profiles": summary["empty_profiles"],
         "cache_file": summary["cache_file"],
         "cache_built": summary["cache_built"],
+        "profile_item_fields": summary.get("profile_item_fields", {}),
     }
 
 
@@ -102,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['profile_tokens_trimmed']} tokens; capped responses: {s['responses_capped']}; "
             f"empty profiles: {s['empty_profiles']}"
         )
+        fields = s["profile_item_fields"]
+        if fields:
+            missing = {k: v for k, v in fields["items_missing_field"].items() if v}
+            print(
+                f"  profile items: {fields['profile_items']}; the prompt shows {fields['prompt_fields']}; "
+                f"items lacking one (rendered empty): {missing or 'none'}; not shown: {fields['unused_item_fields']}"
+            )
         if s["cache_file"]:
             print(f"  cache: {s['cache_file']} ({'built' if s['cache_built'] else 'reused'})")
     (out_dir / "report.json").write_text(json.dumps(stats, indent=2))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -244,3 +245,45 @@ def test_item_fields_checked_whatever_the_feature_types():
     bad = {"profile": [{"title": Value("string")}]}
     with pytest.raises(DataSourceError, match=r"src: profile items have fields \['title'\]"):
         rows_to_records(_Rows(_topic_rows(["title"]), bad), spec, "src", "t")
+
+
+# ----------------------------------------------------------------------------------------- item fields in the report
+
+
+def test_data_report_names_prompt_fields_and_counts_missing_ones(sp_tokenizer, tmp_path, capsys):
+    import importlib.util
+
+    config = "product_review_user"
+    rows = []
+    for i in range(4):
+        items = [
+            {"overall": 5.0, "summary": "s", "description": "d", "reviewText": "t", "asin": "B0"} for _ in range(3)
+        ]
+        if i == 1:
+            del items[0]["description"]  # absent: Arrow fills None
+            items[1]["description"] = None
+        rows.append({"reviewerId": f"R{i}", "input": "Write.", "output": "A review.", "profile": items})
+    (tmp_path / config).mkdir()
+    (tmp_path / config / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [
+        "model.name_or_path=unused", f"model.tokenizer={sp_tokenizer.name_or_path}", "data.source=longlamp",
+        f"data.longlamp.dataset={tmp_path}", f"data.longlamp.config={config}", "data.longlamp.eval_split=",
+        f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'runs'}",
+    ]  # fmt: skip
+    report = prepare_data(RunConfig.load(None, overrides), True, lambda: None).reports["train"].summary()
+    assert report["profile_item_fields"] == {
+        "prompt_fields": ["overall", "description", "summary", "reviewText"],
+        "profile_items": 12,
+        "items_missing_field": {"overall": 0, "description": 2, "summary": 0, "reviewText": 0},
+        "unused_item_fields": ["asin"],
+    }
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data_cli", Path(__file__).parents[1] / "launch" / "prepare_data.py"
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = [arg for o in overrides for arg in ("--" + o.split("=", 1)[0], o.split("=", 1)[1])]
+    assert cli.main([*args, "--model.config", "null"]) == 0  # the default recipe (demo) builds its model from a config
+    out = capsys.readouterr().out
+    assert "the prompt shows ['overall', 'description', 'summary', 'reviewText']" in out
+    assert "items lacking one (rendered empty): {'description': 2}; not shown: ['asin']" in out

@@ -13,7 +13,9 @@ With ``HF_DATASETS_OFFLINE=1`` nothing reaches the network.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import string
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +26,19 @@ from perce_ds.data.records import SKIP_HINT, PersonaRecord, RecordError, record_
 from perce_ds.data.sources import LoadReport
 from perce_ds.errors import DataSourceError
 
+log = logging.getLogger("perce_ds")
+
 __all__ = ["DataSourceError"]  # re-exported: readers raise it from here
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     """What one task's rows look like and how its profile is retrieved and shown."""
+
+    @property
+    def prompt_fields(self) -> list[str]:
+        """The item fields the profile prompt shows (those its item template names), in template order."""
+        return [name for _, name, _, _ in string.Formatter().parse(self.format.item_template) if name]
 
     name: str  # PersonaRecord.task, e.g. "longlamp/abstract_generation"
     user_fields: tuple[str, ...]  # the row's user id field (the first one present)
@@ -342,7 +351,9 @@ def rows_to_records(
             raise DataSourceError(f"{source}: rows have fields {sorted(columns)}; the field {name!r} is missing{hint}")
     found = _first_item_fields(rows)
     mapping = item_field_mapping(spec, found, source) if found is not None else {}
-    report = LoadReport(source=source)
+    report = LoadReport(source=source, prompt_fields=spec.prompt_fields)
+    report.items_missing_field = dict.fromkeys(spec.prompt_fields, 0)
+    seen: set[str] = set()
     records = []
     for i, row in _iter_selected(rows, subset_indices(len(rows), max_records, seed)):
         report.read += 1
@@ -356,6 +367,18 @@ def rows_to_records(
             report.skipped.append(str(e))
         else:
             report.kept += 1
+            for item in records[-1].profile:
+                report.profile_items += 1
+                seen.update(item)
+                for name in spec.prompt_fields:
+                    report.items_missing_field[name] += item.get(name) in (None, "")
+    report.unused_item_fields = sorted(seen - set(spec.prompt_fields))
+    missing = {k: v for k, v in report.items_missing_field.items() if v}
+    if missing:
+        log.warning(
+            "%s: of %d profile items, some lack fields the prompt shows (rendered empty): %s",
+            source, report.profile_items, missing,
+        )  # fmt: skip
     return records, report
 
 

@@ -41,6 +41,7 @@ class SplitReport:
     cache_file: str = ""  # the tokenised cache (longlamp / lamp sources)
     cache_built: bool = False  # built by this run (False: reused)
     users: set[str] = field(default_factory=set)  # user ids of the kept examples
+    profile_item_fields: dict[str, Any] = field(default_factory=dict)  # task sources: LoadReport.item_fields_summary
     profile_sizes: list[int] = field(default_factory=list)  # per kept example, items before retrieval
 
     def count(self, example: TokenizedExample) -> None:
@@ -63,6 +64,7 @@ class SplitReport:
             "cache_file": self.cache_file,
             "cache_built": self.cache_built,
             "users": len(self.users),
+            "profile_item_fields": self.profile_item_fields,
         }
 
 
@@ -289,6 +291,7 @@ def _task_split(
     report = SplitReport(files=[source] if load_report else [])
     if load_report:
         report.records_read, report.skipped = load_report.read, list(load_report.skipped)
+        report.profile_item_fields = load_report.item_fields_summary()
     fingerprint = split_fingerprint(records, tokenizer, cache_settings(cfg, role))
     path = cache_path(cache_root(cfg), f"{cfg.data.source}-{role}", fingerprint)
     processor = SplitProcessor(cfg, tokenizer, source) if is_rank0 and not path.is_file() else None

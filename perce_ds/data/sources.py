@@ -29,6 +29,23 @@ class LoadReport:
     read: int = 0
     kept: int = 0
     skipped: list[str] = field(default_factory=list)
+    # task sources (LongLaMP, LaMP): the item fields the profile prompt shows, and of the kept records' items
+    # how many lack each one (rendered empty) and which other fields they carry (not shown)
+    prompt_fields: list[str] = field(default_factory=list)
+    profile_items: int = 0
+    items_missing_field: dict[str, int] = field(default_factory=dict)
+    unused_item_fields: list[str] = field(default_factory=list)
+
+    def item_fields_summary(self) -> dict[str, Any]:
+        """What the data report says about profile-item fields (empty for plain record files)."""
+        if not self.prompt_fields:
+            return {}
+        return {
+            "prompt_fields": self.prompt_fields,
+            "profile_items": self.profile_items,
+            "items_missing_field": self.items_missing_field,
+            "unused_item_fields": self.unused_item_fields,
+        }
 
     @property
     def n_skipped(self) -> int:
