@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,13 +40,24 @@ def wandb_records(path: Path) -> list:
     return out
 
 
+def finished_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of a run's log once its "exit" record is there: run.finish() returns before wandb's service
+    process has written the log out (seen: a 7-byte file right after finish, the whole log a moment later)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def offline_runs(run_dir: Path) -> list[dict]:
     """Per offline wandb run of run_dir (oldest first): id, name, config, and history as {step: {key: value}}."""
     runs = []
     for d in sorted((run_dir / "wandb").glob("offline-run-*")):
         (log,) = d.glob("run-*.wandb")
         info = {"history": {}}
-        for r in wandb_records(log):
+        for r in finished_records(log):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 info["id"], info["name"] = r.run.run_id, r.run.display_name
@@ -88,6 +100,9 @@ def test_offline_wandb_run_logs_config_steps_and_resumes_the_same_run(tmp_path, 
     sink.log(2, {"eval_ce": 2.9}, split="eval")
     sink.close()
     first_id = (cfg.run_dir / WANDB_ID_FILE).read_text().strip()
+    # wandb names an offline run's folder offline-run-<second>-<id>: the same id within the same second would
+    # reuse the folder (a real resume is never that quick)
+    time.sleep(1.1)
     resumed = metrics_logger(cfg, enabled=True, resuming=True)
     resumed.log(3, {"loss": 1.5, "ce": 2.5})
     resumed.close()
