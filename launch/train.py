@@ -2,8 +2,12 @@
 
     deepspeed launch/train.py --deepspeed ds_configs/zero3.json [--recipe recipes/X.yaml] [--train.lr 1e-5 ...]
 
+    python launch/train.py [--recipe ...]      # no launcher: one process (laptop, debugger, notebook)
+
 With no --recipe the demo recipe runs (synthetic persona data, a tiny model, CPU-friendly).
 Any config key can be overridden as `--section.key value` or `--section.key=value`.
+A user error (config key or type, missing file, bad record) prints one `error: ...` line and exits 2;
+its traceback goes to <run>/train.log.
 """
 
 from __future__ import annotations
