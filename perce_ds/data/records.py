@@ -37,6 +37,7 @@ class PersonaRecord:
 
 
 REQUIRED_STR_FIELDS = ("user_id", "task", "query", "response")
+SKIP_HINT = "fix the record, or set data.on_bad_record=skip to drop such records with a count"
 
 
 def json_value(value: Any, source: str, where: str, field_name: str) -> Any:
@@ -67,9 +68,6 @@ def json_value(value: Any, source: str, where: str, field_name: str) -> Any:
     raise RecordError(
         source, where, field_name, f"unsupported value type {type(value).__name__} (expected JSON data)", SKIP_HINT
     )
-
-
-SKIP_HINT = "fix the record, or set data.on_bad_record=skip to drop such records with a count"
 
 
 def record_from_dict(raw: Any, source: str, where: str, require_response: bool = True) -> PersonaRecord:
