@@ -93,4 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from perce_ds.cli import exit_code_of
+
+    sys.exit(exit_code_of(main))

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from perce_ds.cli import parse_overrides  # noqa: E402
+from perce_ds.cli import exit_code_of, parse_overrides  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

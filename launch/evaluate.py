@@ -5,6 +5,8 @@
 
 Writes <run>/eval/ (or <run>/eval/<name>/ for other splits, --ablated, --tasks): generations.jsonl
 (streamed; rerun the same command to resume), per_record.jsonl, scores.json, report.md.
+--predict-only (a split without references, e.g. LaMP's test questions) writes no scores but the benchmark's
+submission files: predictions_LaMP_N.json ({"task", "golds": [{"id", "output"}]}), else predictions.jsonl.
 Under a launcher each rank generates a shard; rank 0 writes the files.
 """
 
@@ -38,13 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", nargs="*", default=[], help="record files of the split (needed for a file-based test split)"
     )
     p.add_argument("--ablated", action="store_true", help="prompts without profiles (persona-ablated)")
+    p.add_argument(
+        "--predict-only", action="store_true", help="no references: generate and write submission files, no scores"
+    )
     p.add_argument("--model", help="HF folder to evaluate (default: <run>/hf)")
     p.add_argument("--checkpoint", help="a checkpoints/step_N directory instead of the exported model")
     p.add_argument("--zero3", action="store_true", help="shard the model with ZeRO-3 and generate with synced_gpus")
     p.add_argument("--name", help="output sub-directory of <run>/eval/")
     p.add_argument("--overwrite", action="store_true", help="discard earlier generations in the output directory")
     p.add_argument("--limit", type=int, default=0, help="only the first N records (smoke tests)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument(
+        "--metrics-preset", help="strict | longlamp | mirror (default: the run's eval.metrics_preset); sets the "
+        "ROUGE/METEOR settings and the decoding defaults that go with them",
+    )  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, help="default: the metrics preset's (512)")
     p.add_argument("--task-max-new-tokens", nargs="*", default=[], metavar="TASK=N")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -61,26 +70,33 @@ def main(argv: list[str] | None = None) -> int:
     from perce_ds.distributed import shutdown
     from perce_ds.evaluation.evaluate import EvalOptions, evaluate_run
     from perce_ds.evaluation.generation import GenerationSettings
-    from perce_ds.evaluation.runs import EvalInputError
+    from perce_ds.evaluation.metrics import get_preset
+    from perce_ds.evaluation.runs import EvalInputError, load_run_config
     from perce_ds.logging_utils import setup_logging
 
     setup_logging(int(__import__("os").environ.get("RANK", "0")) == 0)
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens, max_new_tokens_per_task=parse_task_tokens(args.task_max_new_tokens),
-        batch_size=args.batch_size, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed,
+    preset_name = args.metrics_preset or load_run_config(args.run).eval.metrics_preset
+    try:
+        preset = get_preset(preset_name)
+    except ValueError as e:
+        raise EvalInputError(f"--metrics-preset: {e}") from None
+    settings = GenerationSettings(  # what the user passes wins over the preset's decoding
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else preset.max_new_tokens,
+        max_new_tokens_per_task=parse_task_tokens(args.task_max_new_tokens), batch_size=args.batch_size,
+        do_sample=args.sample or preset.do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
     )  # fmt: skip
     opts = EvalOptions(
         run=args.run, split=args.split, tasks=args.tasks, data=args.data, ablated=args.ablated, model=args.model,
         checkpoint=args.checkpoint, zero3=args.zero3, name=args.name, overwrite=args.overwrite, limit=args.limit,
-        generation=settings, seed=args.seed, dist_timeout_s=args.dist_timeout,
+        generation=settings, seed=args.seed, dist_timeout_s=args.dist_timeout, predict_only=args.predict_only,
+        metrics_preset=preset.name,
     )  # fmt: skip
-    try:
-        scores = evaluate_run(opts)
-    except EvalInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if scores is not None:
+    scores = evaluate_run(opts)
+    if scores is not None and opts.predict_only:
+        print(
+            f"wrote {', '.join(scores['files'])} ({scores['records']} records, {scores['missing']} without a generation)"
+        )
+    elif scores is not None:
         out = args.run / "eval" / opts.output_name()
         print((out / "report.md").read_text())
         print(f"wrote {out}/report.md, scores.json, per_record.jsonl, generations.jsonl")
@@ -89,4 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from perce_ds.cli import exit_code_of
+
+    sys.exit(exit_code_of(main))

@@ -29,15 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.0, help="PIR above this marks a personal token")
     p.add_argument("--limit", type=int, default=0, help="only the first N records")
     args = p.parse_args(argv)
-    from perce_ds.evaluation.runs import EvalInputError
     from perce_ds.insight import run_insight
 
-    try:
-        summary = run_insight(args.run, args.model, args.before, args.split, args.samples, args.threshold,
-                              args.limit, not args.no_before)  # fmt: skip
-    except EvalInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = run_insight(args.run, args.model, args.before, args.split, args.samples, args.threshold,
+                          args.limit, not args.no_before)  # fmt: skip
     for stage in ("before", "after"):
         s = summary.get(stage)
         if s and "marking" in s:
@@ -51,4 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from perce_ds.cli import exit_code_of
+
+    sys.exit(exit_code_of(main))

@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from perce_ds.cli import parse_overrides  # noqa: E402
+from perce_ds.cli import exit_code_of, parse_overrides  # noqa: E402
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -55,6 +55,7 @@ def split_stats(examples: list[Any], report: Any) -> dict[str, Any]:
         "profiles_cut_to_nothing": summary["profiles_cut_to_nothing"],
         "cache_file": summary["cache_file"],
         "cache_built": summary["cache_built"],
+        "profile_item_fields": summary.get("profile_item_fields", {}),
     }
 
 
@@ -103,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['profile_tokens_trimmed']} tokens; capped responses: {s['responses_capped']}; "
             f"empty profiles: {s['empty_profiles']}; profiles cut to nothing: {s['profiles_cut_to_nothing']}"
         )
+        fields = s["profile_item_fields"]
+        if fields:
+            missing = {k: v for k, v in fields["items_missing_field"].items() if v}
+            print(
+                f"  profile items: {fields['profile_items']}; the prompt shows {fields['prompt_fields']}; "
+                f"items lacking one (rendered empty): {missing or 'none'}; not shown: {fields['unused_item_fields']}"
+            )
         if s["cache_file"]:
             print(f"  cache: {s['cache_file']} ({'built' if s['cache_built'] else 'reused'})")
     (out_dir / "report.json").write_text(json.dumps(stats, indent=2))
@@ -111,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

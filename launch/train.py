@@ -2,8 +2,12 @@
 
     deepspeed launch/train.py --deepspeed ds_configs/zero3.json [--recipe recipes/X.yaml] [--train.lr 1e-5 ...]
 
+    python launch/train.py [--recipe ...]      # no launcher: one process (laptop, debugger, notebook)
+
 With no --recipe the demo recipe runs (synthetic persona data, a tiny model, CPU-friendly).
 Any config key can be overridden as `--section.key value` or `--section.key=value`.
+A user error (config key or type, missing file, bad record) prints one `error: ...` line and exits 2;
+its traceback goes to <run>/train.log.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from perce_ds.cli import parse_overrides, print_summary  # noqa: E402
+from perce_ds.cli import exit_code_of, parse_overrides, print_summary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from perce_ds.config import ConfigError
+from perce_ds.errors import UserError
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def exit_code_of(main: Callable[[], int]) -> int:
+    """Run an entry point; a UserError (perce_ds/errors.py: config key or type, missing file, bad record, unusable
+    dataset) becomes its one-line message on stderr and exit code 2, its traceback only in the log file
+    (train.log, when the run got that far). Any other exception is a bug and propagates with its traceback."""
+    try:
+        return main()
+    except UserError as e:
+        from perce_ds.logging_utils import log_to_files_only
+
+        log_to_files_only(f"stopped by a user error: {e}", e)
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
 
 
 def parse_overrides(args: list[str]) -> list[str]:

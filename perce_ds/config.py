@@ -15,10 +15,12 @@ from typing import Any, Literal
 
 import yaml
 
+from perce_ds.errors import UserError
+from perce_ds.evaluation.metrics import PRESETS
 from perce_ds.loss import REGISTRY
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override that cannot be used; the message names the key."""
 
 
@@ -153,8 +155,18 @@ class TrainConfig:
     save_init_model: bool = False  # export the starting model to <run>/hf_init (before/after insight)
     final_generation_eval: bool = False  # end with generation + ROUGE/METEOR + PIR F1 on the eval split
     eval_max_new_tokens: int = 64
-    tensorboard: bool = True
+    # where step metrics go besides metrics.jsonl: tensorboard (<run>/tensorboard/) and/or wandb (rank 0, run
+    # name = run directory name, resumed runs continue the same wandb run; `pip install -e '.[wandb]'`)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool | None = None  # legacy alias: false drops tensorboard from report_to, true adds it
     dist_timeout_s: int = 1800
+
+
+@dataclass
+class EvalConfig:
+    # ROUGE/METEOR settings and the decoding that goes with them (perce_ds/evaluation/metrics.py PRESETS):
+    # strict (ours), longlamp (LongLaMP's own scripts), mirror (the MIRROR re-implementation)
+    metrics_preset: str = "strict"
 
 
 @dataclass
@@ -163,6 +175,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     recipe: str = ""  # where it came from (informational)
 
     @classmethod
@@ -197,6 +210,10 @@ class RunConfig:
         """Cross-field checks that types alone cannot express."""
         if self.loss.scheme not in REGISTRY:
             raise ConfigError(f"loss.scheme: unknown scheme {self.loss.scheme!r}; known: {sorted(REGISTRY)}")
+        if self.eval.metrics_preset not in PRESETS:
+            raise ConfigError(
+                f"eval.metrics_preset: unknown preset {self.eval.metrics_preset!r}; known: {sorted(PRESETS)}"
+            )
         if self.loss.clip_min > self.loss.clip_max:
             raise ConfigError(f"loss.clip_min ({self.loss.clip_min}) exceeds loss.clip_max ({self.loss.clip_max})")
         if self.loss.clip_min <= 0 and not self.loss.allow_nonpositive_clip_min:
@@ -225,6 +242,27 @@ class RunConfig:
             raise ConfigError("data.max_length must be >= 8 and data.max_profile_tokens >= 0")
         if len(self.train.adam_betas) != 2:
             raise ConfigError("train.adam_betas must hold two numbers")
+        self._resolve_report_to()
+
+    def _resolve_report_to(self) -> None:
+        """Fold the legacy train.tensorboard flag into train.report_to (the one place), then check the names."""
+        from perce_ds.logging_utils import REPORTERS
+
+        t = self.train
+        if t.tensorboard is not None:
+            t.report_to = [r for r in t.report_to if r != "tensorboard"] + (["tensorboard"] if t.tensorboard else [])
+            t.tensorboard = None
+        unknown = sorted(set(t.report_to) - set(REPORTERS))
+        if unknown:
+            raise ConfigError(f"train.report_to: unknown {unknown}; known: {list(REPORTERS)}")
+        if "wandb" in t.report_to:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError(
+                    "train.report_to includes wandb but the wandb package is not installed: "
+                    "pip install -e '.[wandb]' (or drop wandb from train.report_to)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

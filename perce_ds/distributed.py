@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -21,9 +22,35 @@ def apply_slurm_env() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
+# Set by launchers that start several tasks without torch's variables (DeepSpeed discovers those through MPI).
+MULTI_TASK_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def apply_single_process_env() -> bool:
+    """No launcher at all (`python launch/train.py` on a laptop, in a debugger or a notebook): make this process
+    rank 0 of a world of 1 on a free loopback port. Without it DeepSpeed falls back to MPI discovery and dies
+    on a missing mpi4py. Returns whether it did; a partial set of launcher variables is left to the launcher."""
+    if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return False
+    if any(int(os.environ.get(k) or "1") > 1 for k in MULTI_TASK_VARS):  # mpirun / srun tasks: not alone
+        return False
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return True
+
+
 def init_process_group(timeout_s: int) -> None:
     """Join the launcher's process group through DeepSpeed (nccl on GPU, gloo on CPU), after deriving the
-    launcher variables under a bare `srun` and pinning this rank's GPU (LOCAL_RANK).
+    launcher variables under a bare `srun` (or, with no launcher at all, for one process) and pinning this
+    rank's GPU (LOCAL_RANK).
 
     On CPU, DeepSpeed also JIT-builds a shared-memory all-reduce op and maps a ~67 MB segment per rank in
     /dev/shm that it never unlinks. The op serves only tensor-parallel inference (`inference_all_reduce`),
@@ -34,6 +61,7 @@ def init_process_group(timeout_s: int) -> None:
     import deepspeed.ops
 
     apply_slurm_env()
+    apply_single_process_env()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -30,7 +30,7 @@ from perce_ds.data.pipeline import PreparedData, prepare_data, require_profiles
 from perce_ds.distributed import all_reduce_sum, any_rank, init_process_group, skip_micro_step
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
-from perce_ds.logging_utils import MetricsLogger, setup_logging
+from perce_ds.logging_utils import metrics_logger, setup_logging
 from perce_ds.loss import TokenStats, get_scheme, token_weights, weighted_nll_sum
 from perce_ds.model import (
     PerceLM,
@@ -122,7 +122,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.engine, self.module = self._build_engine(ds_config_path)
 
-        self.metrics = MetricsLogger(self.run_dir, self.is_rank0, cfg.train.tensorboard)
+        self.metrics = metrics_logger(cfg, self.is_rank0, self.resume_from is not None, wandb=not inference_only)
         self.start_step = 0
         self.nonfinite_in_a_row = 0
         self.refused_steps = 0

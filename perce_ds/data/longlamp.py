@@ -13,7 +13,9 @@ With ``HF_DATASETS_OFFLINE=1`` nothing reaches the network.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import string
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +24,21 @@ from typing import Any
 from perce_ds.data.prompts import PROFILE_FORMATS, ProfileFormat
 from perce_ds.data.records import SKIP_HINT, PersonaRecord, RecordError, record_from_dict
 from perce_ds.data.sources import LoadReport
+from perce_ds.errors import DataSourceError
 
+log = logging.getLogger("perce_ds")
 
-class DataSourceError(ValueError):
-    """A dataset, config, split or schema that cannot be used; the message names which and what was found."""
+__all__ = ["DataSourceError"]  # re-exported: readers raise it from here
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     """What one task's rows look like and how its profile is retrieved and shown."""
+
+    @property
+    def prompt_fields(self) -> list[str]:
+        """The item fields the profile prompt shows (those its item template names), in template order."""
+        return [name for _, name, _, _ in string.Formatter().parse(self.format.item_template) if name]
 
     name: str  # PersonaRecord.task, e.g. "longlamp/abstract_generation"
     user_fields: tuple[str, ...]  # the row's user id field (the first one present)
@@ -247,11 +255,13 @@ def item_field_mapping(spec: TaskSpec, found: set[str], source: str) -> dict[str
 
 
 def _first_item_fields(rows: Sequence[dict[str, Any]]) -> set[str] | None:
-    features = getattr(rows, "features", None)
-    if features is not None and "profile" in features:
-        inner = getattr(features["profile"], "feature", None)
-        return set(inner) if isinstance(inner, dict) else None
-    for row in rows:  # plain rows: the first non-empty list profile
+    """The fields of the first profile item of the first row that has one (None when no row has an item).
+
+    Read from the rows themselves, not from `datasets` feature types: those changed shape across versions
+    (3.x describes a list of structs as a plain list, 5.x as `List`), and a check keyed on one shape would be
+    skipped without a word on the other. Arrow rows carry every field of the struct (None where an item
+    lacks it), so the first item shows all the fields the split has."""
+    for row in rows:
         profile = row.get("profile")
         if isinstance(profile, list) and profile and isinstance(profile[0], dict):
             return set(profile[0])
@@ -259,14 +269,23 @@ def _first_item_fields(rows: Sequence[dict[str, Any]]) -> set[str] | None:
 
 
 def row_to_record(
-    row: dict[str, Any], index: int, spec: TaskSpec, mapping: dict[str, str], source: str, record_id: str
+    row: dict[str, Any],
+    index: int,
+    spec: TaskSpec,
+    mapping: dict[str, str],
+    source: str,
+    record_id: str,
+    require_response: bool = True,
 ) -> PersonaRecord:
-    """One row as a PersonaRecord; RecordError names source (dataset, config, split), row and field."""
+    """One row as a PersonaRecord; RecordError names source (dataset, config, split), row and field.
+    `require_response=False`: a row without `output` (a prediction-only split) gets the response ""."""
     where = f"row {index}"
     user_field = next((f for f in spec.user_fields if row.get(f) not in (None, "")), None)
     if user_field is None:
         raise RecordError(source, where, spec.user_fields[0], "missing", SKIP_HINT)
     for name in ("input", "output"):
+        if name == "output" and not require_response and row.get(name) is None:
+            continue
         if row.get(name) is None:
             raise RecordError(source, where, name, "missing", SKIP_HINT)
         if not isinstance(row[name], str):
@@ -289,12 +308,12 @@ def row_to_record(
         "user_id": str(row[user_field]),
         "task": spec.name,
         "query": row["input"],
-        "response": row["output"],
+        "response": row.get("output"),
         "profile": items,
         "record_id": record_id,
     }
     try:
-        return record_from_dict(raw, source, where)
+        return record_from_dict(raw, source, where, require_response)
     except RecordError as e:  # name the dataset's own field, not the PersonaRecord one
         names = {"query": "input", "response": "output", "user_id": user_field}
         raise RecordError(source, where, names.get(e.field_name, e.field_name), e.problem, SKIP_HINT) from None
@@ -308,30 +327,58 @@ def rows_to_records(
     on_bad_record: str = "error",
     max_records: int = 0,
     seed: int = 0,
+    require_response: bool = True,
+    id_field: str = "",
 ) -> tuple[list[PersonaRecord], LoadReport]:
-    """Schema-check once, then convert the (optionally sub-sampled) rows; bad rows raise or are counted."""
+    """Schema-check once, then convert the (optionally sub-sampled) rows; bad rows raise or are counted.
+
+    Record ids are `<id_prefix>/<row index>`, or `<id_prefix>/<row[id_field]>` when the dataset has its own ids
+    (LaMP: its submission format is keyed by them). `require_response=False` reads a split without outputs.
+    """
     columns = set(getattr(rows, "column_names", None) or (rows[0].keys() if len(rows) else ()))
     if len(rows) and not any(f in columns for f in spec.user_fields):
         raise DataSourceError(
             f"{source}: rows have fields {sorted(columns)}; expected a user id field {list(spec.user_fields)}"
         )
     for name in ("input", "output", "profile"):
-        if len(rows) and name not in columns:
-            raise DataSourceError(f"{source}: rows have fields {sorted(columns)}; the field {name!r} is missing")
+        if len(rows) and name not in columns and (require_response or name != "output"):
+            hint = (
+                " (a prediction-only split without references: it can be generated for with "
+                "`launch/evaluate.py --predict-only`, not trained on or scored)"
+                if name == "output"
+                else ""
+            )
+            raise DataSourceError(f"{source}: rows have fields {sorted(columns)}; the field {name!r} is missing{hint}")
     found = _first_item_fields(rows)
     mapping = item_field_mapping(spec, found, source) if found is not None else {}
-    report = LoadReport(source=source)
+    report = LoadReport(source=source, prompt_fields=spec.prompt_fields)
+    report.items_missing_field = dict.fromkeys(spec.prompt_fields, 0)
+    seen: set[str] = set()
     records = []
     for i, row in _iter_selected(rows, subset_indices(len(rows), max_records, seed)):
         report.read += 1
         try:
-            records.append(row_to_record(row, i, spec, mapping, source, f"{id_prefix}/{i}"))
+            own_id = row.get(id_field) if id_field else None
+            record_id = f"{id_prefix}/{own_id if own_id not in (None, '') else i}"
+            records.append(row_to_record(row, i, spec, mapping, source, record_id, require_response))
         except RecordError as e:
             if on_bad_record == "error":
                 raise
             report.skipped.append(str(e))
         else:
             report.kept += 1
+            for item in records[-1].profile:
+                report.profile_items += 1
+                seen.update(item)
+                for name in spec.prompt_fields:
+                    report.items_missing_field[name] += item.get(name) in (None, "")
+    report.unused_item_fields = sorted(seen - set(spec.prompt_fields))
+    missing = {k: v for k, v in report.items_missing_field.items() if v}
+    if missing:
+        log.warning(
+            "%s: of %d profile items, some lack fields the prompt shows (rendered empty): %s",
+            source, report.profile_items, missing,
+        )  # fmt: skip
     return records, report
 
 
@@ -343,9 +390,10 @@ def load_longlamp(
     max_records: int = 0,
     seed: int = 0,
     cache_dir: str | None = None,
+    require_response: bool = True,
 ) -> tuple[list[PersonaRecord], LoadReport]:
     """PersonaRecords of one LongLaMP (dataset, config, split), with a LoadReport of what was read and skipped."""
     spec = task_for_config(config)
     rows = load_rows(dataset, config, split, cache_dir)
     source = f"{dataset} [config {config}, split {split}]"
-    return rows_to_records(rows, spec, source, f"{config}/{split}", on_bad_record, max_records, seed)
+    return rows_to_records(rows, spec, source, f"{config}/{split}", on_bad_record, max_records, seed, require_response)

@@ -42,6 +42,7 @@ class SplitReport:
     cache_file: str = ""  # the tokenised cache (longlamp / lamp sources)
     cache_built: bool = False  # built by this run (False: reused)
     users: set[str] = field(default_factory=set)  # user ids of the kept examples
+    profile_item_fields: dict[str, Any] = field(default_factory=dict)  # task sources: LoadReport.item_fields_summary
     profile_sizes: list[int] = field(default_factory=list)  # per kept example, items before retrieval
 
     def count(self, example: TokenizedExample, user_id: str, profile_size: int) -> None:
@@ -78,6 +79,7 @@ class SplitReport:
             "cache_file": self.cache_file,
             "cache_built": self.cache_built,
             "users": len(self.users),
+            "profile_item_fields": self.profile_item_fields,
         }
 
 
@@ -116,8 +118,11 @@ def tokenizer_dir(cfg: RunConfig) -> Path:
     return cfg.run_dir / "tokenizer"
 
 
-def load_task_split(cfg: RunConfig, role: str) -> tuple[list[PersonaRecord], LoadReport | None]:
-    """Records of the train or eval split of a longlamp / lamp source (([], None) when the split is unset)."""
+def load_task_split(
+    cfg: RunConfig, role: str, require_response: bool = True
+) -> tuple[list[PersonaRecord], LoadReport | None]:
+    """Records of the train or eval split of a longlamp / lamp source (([], None) when the split is unset);
+    `require_response=False` also reads a prediction-only split (no references)."""
     d = cfg.data
     section = d.longlamp if d.source == "longlamp" else d.lamp
     split = section.train_split if role == "train" else section.eval_split
@@ -129,11 +134,14 @@ def load_task_split(cfg: RunConfig, role: str) -> tuple[list[PersonaRecord], Loa
         from perce_ds.data.longlamp import load_longlamp
 
         return load_longlamp(
-            section.dataset, section.config, split, d.on_bad_record, max_records, d.subset_seed, hf_cache
-        )
+            section.dataset, section.config, split, d.on_bad_record, max_records, d.subset_seed, hf_cache,
+            require_response,
+        )  # fmt: skip
     from perce_ds.data.lamp import load_lamp
 
-    return load_lamp(section.path, section.task, split, d.on_bad_record, max_records, d.subset_seed, hf_cache)
+    return load_lamp(
+        section.path, section.task, split, d.on_bad_record, max_records, d.subset_seed, hf_cache, require_response
+    )
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -311,6 +319,7 @@ def _task_split(
     report = SplitReport(files=[source] if load_report else [])
     if load_report:
         report.records_read, report.skipped = load_report.read, list(load_report.skipped)
+        report.profile_item_fields = load_report.item_fields_summary()
     fingerprint = split_fingerprint(records, tokenizer, cache_settings(cfg, role))
     path = cache_path(cache_root(cfg), f"{cfg.data.source}-{role}", fingerprint)
     processor = SplitProcessor(cfg, tokenizer, source) if is_rank0 and not path.is_file() else None

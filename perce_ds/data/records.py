@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from perce_ds.errors import UserError
 
-class RecordError(ValueError):
+
+class RecordError(UserError, ValueError):
     """A record that cannot be used. The message names the file, the record and the field."""
 
     def __init__(self, source: str, where: str, field_name: str, problem: str, hint: str = ""):
@@ -37,10 +40,46 @@ REQUIRED_STR_FIELDS = ("user_id", "task", "query", "response")
 SKIP_HINT = "fix the record, or set data.on_bad_record=skip to drop such records with a count"
 
 
-def record_from_dict(raw: Any, source: str, where: str) -> PersonaRecord:
-    """Validate one raw mapping into a PersonaRecord or raise RecordError naming source/where/field."""
+def json_value(value: Any, source: str, where: str, field_name: str) -> Any:
+    """`value` as plain JSON data (dict / list / str / int / float / bool / None), so records survive
+    json.dumps (the tokenised cache) and render as text in prompts.
+
+    Readers hand over more than JSON: Arrow turns "YYYY-MM-DD" strings of a JSON file into datetimes
+    (LaMP-4's item dates), Parquet and pandas give numpy scalars and arrays. Dates become ISO text (a
+    datetime at midnight without a time zone as the date alone, which is what such a file held), numpy
+    values their Python equivalents; anything else raises RecordError naming the field.
+    """
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_value(v, source, where, f"{field_name}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v, source, where, f"{field_name}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None and value.time() == dt.time(0):
+            return value.date().isoformat()
+        return value.isoformat()
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # numpy scalars and arrays alike
+        return json_value(value.tolist(), source, where, field_name)
+    if isinstance(value, bytes):
+        raise RecordError(source, where, field_name, "binary data cannot be shown in a prompt", SKIP_HINT)
+    raise RecordError(
+        source, where, field_name, f"unsupported value type {type(value).__name__} (expected JSON data)", SKIP_HINT
+    )
+
+
+def record_from_dict(raw: Any, source: str, where: str, require_response: bool = True) -> PersonaRecord:
+    """Validate one raw mapping into a PersonaRecord or raise RecordError naming source/where/field.
+
+    `require_response=False` reads a prediction-only split (a benchmark's test questions without outputs):
+    a missing response becomes "" (no reference), and such records can only be generated for.
+    """
     if not isinstance(raw, dict):
         raise RecordError(source, where, "<record>", f"expected a JSON object, got {type(raw).__name__}", SKIP_HINT)
+    if not require_response and raw.get("response") is None:
+        raw = {**raw, "response": ""}
     for name in REQUIRED_STR_FIELDS:
         if name not in raw or raw[name] is None:
             raise RecordError(source, where, name, "missing", SKIP_HINT)
@@ -52,7 +91,7 @@ def record_from_dict(raw: Any, source: str, where: str) -> PersonaRecord:
         if not isinstance(value, str):
             raise RecordError(source, where, name, f"expected a string, got {type(value).__name__}", SKIP_HINT)
         values[name] = value
-    if not values["response"].strip():
+    if require_response and not values["response"].strip():
         raise RecordError(source, where, "response", "empty: nothing to train on", SKIP_HINT)
     if not values["query"].strip():
         raise RecordError(source, where, "query", "empty", SKIP_HINT)
@@ -81,7 +120,7 @@ def record_from_dict(raw: Any, source: str, where: str) -> PersonaRecord:
             )
     record_id = raw.get("record_id")
     return PersonaRecord(
-        profile=[dict(item) for item in profile],
+        profile=[json_value(dict(item), source, where, f"profile[{i}]") for i, item in enumerate(profile)],
         record_id=str(record_id) if record_id not in (None, "") else where,
         persona_spans=[[int(a), int(b)] for a, b in spans],
         **values,

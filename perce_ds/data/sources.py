@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from perce_ds.data.records import SKIP_HINT, PersonaRecord, RecordError, record_from_dict
+from perce_ds.errors import DataSourceError, InputFileError
 
 SUPPORTED = "*.jsonl / *.json (JSON Lines), *.parquet, or a directory saved with datasets' save_to_disk"
 ON_BAD_RECORD = ("error", "skip")
@@ -28,6 +29,23 @@ class LoadReport:
     read: int = 0
     kept: int = 0
     skipped: list[str] = field(default_factory=list)
+    # task sources (LongLaMP, LaMP): the item fields the profile prompt shows, and of the kept records' items
+    # how many lack each one (rendered empty) and which other fields they carry (not shown)
+    prompt_fields: list[str] = field(default_factory=list)
+    profile_items: int = 0
+    items_missing_field: dict[str, int] = field(default_factory=dict)
+    unused_item_fields: list[str] = field(default_factory=list)
+
+    def item_fields_summary(self) -> dict[str, Any]:
+        """What the data report says about profile-item fields (empty for plain record files)."""
+        if not self.prompt_fields:
+            return {}
+        return {
+            "prompt_fields": self.prompt_fields,
+            "profile_items": self.profile_items,
+            "items_missing_field": self.items_missing_field,
+            "unused_item_fields": self.unused_item_fields,
+        }
 
     @property
     def n_skipped(self) -> int:
@@ -75,11 +93,13 @@ def _dataset_rows(path: Path, source: str) -> list[dict[str, Any]]:
     try:
         ds = load_from_disk(str(path))
     except FileNotFoundError as e:
-        raise ValueError(f"{source}: directory is not a saved dataset ({e}); supported formats: {SUPPORTED}") from e
+        raise DataSourceError(
+            f"{source}: directory is not a saved dataset ({e}); supported formats: {SUPPORTED}"
+        ) from e
     if isinstance(ds, DatasetDict):
         splits = list(ds.keys())
         if len(splits) != 1:
-            raise ValueError(
+            raise DataSourceError(
                 f"{source}: is a DatasetDict with splits {splits}; point data at one split directory, "
                 f"e.g. {path / (splits[0] if splits else '<split>')}"
             )
@@ -89,7 +109,7 @@ def _dataset_rows(path: Path, source: str) -> list[dict[str, Any]]:
 
 def _raw_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
     if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file or directory")
+        raise InputFileError(f"{source}: no such file or directory")
     if path.is_dir():
         return _iter_rows(_dataset_rows(path, source))
     suffix = path.suffix.lower()
@@ -97,18 +117,21 @@ def _raw_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
         return _iter_jsonl(path, source)
     if suffix == ".parquet":
         return _iter_rows(_parquet_rows(path))
-    raise ValueError(f"{source}: unsupported format '{suffix or path.name}'; supported formats: {SUPPORTED}")
+    raise DataSourceError(f"{source}: unsupported format '{suffix or path.name}'; supported formats: {SUPPORTED}")
 
 
-def load_records(path: str | Path, on_bad_record: str = "error") -> tuple[list[PersonaRecord], LoadReport]:
+def load_records(
+    path: str | Path, on_bad_record: str = "error", require_response: bool = True
+) -> tuple[list[PersonaRecord], LoadReport]:
     """Load and validate every record in one file or dataset directory.
 
     With ``on_bad_record="error"`` the first bad record raises its RecordError (naming file, line/row and
-    field); with ``"skip"`` bad records are dropped and their messages kept in the report. Duplicate
+    field); with ``"skip"`` bad records are dropped and their messages kept in the report.
+    ``require_response=False`` reads a prediction-only split (records without responses). Duplicate
     ``record_id`` values within the file count as bad records. Raises ValueError if no record is usable.
     """
     if on_bad_record not in ON_BAD_RECORD:
-        raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
+        raise DataSourceError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
     source = str(path)
     report = LoadReport(source=source)
     records: list[PersonaRecord] = []
@@ -118,7 +141,7 @@ def load_records(path: str | Path, on_bad_record: str = "error") -> tuple[list[P
         try:
             if isinstance(raw, RecordError):
                 raise raw
-            record = record_from_dict(raw, source, where)
+            record = record_from_dict(raw, source, where, require_response)
             if record.record_id in seen:
                 raise RecordError(
                     source,
@@ -135,16 +158,18 @@ def load_records(path: str | Path, on_bad_record: str = "error") -> tuple[list[P
         records.append(record)
         report.kept += 1
     if not records:
-        raise ValueError(f"{source}: no usable records ({report.read} read, {report.n_skipped} skipped)")
+        raise DataSourceError(f"{source}: no usable records ({report.read} read, {report.n_skipped} skipped)")
     return records, report
 
 
-def load_many(paths: list[str], on_bad_record: str = "error") -> tuple[list[PersonaRecord], list[LoadReport]]:
+def load_many(
+    paths: list[str], on_bad_record: str = "error", require_response: bool = True
+) -> tuple[list[PersonaRecord], list[LoadReport]]:
     """Load several sources in order; return all records concatenated and one LoadReport per source."""
     records: list[PersonaRecord] = []
     reports: list[LoadReport] = []
     for path in paths:
-        recs, report = load_records(path, on_bad_record)
+        recs, report = load_records(path, on_bad_record, require_response)
         records.extend(recs)
         reports.append(report)
     return records, reports

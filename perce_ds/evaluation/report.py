@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from perce_ds.evaluation.metrics import METRICS, ROUGE_STEMMING, paired_bootstrap_pvalue, score_record, summarise
+from perce_ds.errors import UserError
+from perce_ds.evaluation.metrics import (
+    DEFAULT_PRESET,
+    METRICS,
+    get_preset,
+    paired_bootstrap_pvalue,
+    score_record,
+    summarise,
+)
 from perce_ds.logging_utils import METRICS_FILES, read_metrics
 
 METRIC_NAMES = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "meteor": "METEOR"}
@@ -29,12 +37,14 @@ CURVE_KEYS = (
 )
 
 
-def score_generations(references: dict[str, tuple[str, str]], generations: dict[str, str]) -> list[dict[str, Any]]:
+def score_generations(
+    references: dict[str, tuple[str, str]], generations: dict[str, str], preset: str = DEFAULT_PRESET
+) -> list[dict[str, Any]]:
     """Per-record scores for every reference (record_id -> (task, text)); a missing generation scores 0."""
     rows = []
     for rid, (task, reference) in references.items():
         missing = rid not in generations
-        scores = score_record(None if missing else generations[rid], reference)
+        scores = score_record(None if missing else generations[rid], reference, preset)
         rows.append({"record_id": rid, "task": task, **scores, "missing": float(missing)})
     return rows
 
@@ -49,13 +59,16 @@ def summarise_by_task(per_record: list[dict[str, Any]], seed: int = 0) -> dict[s
 
 
 def write_eval_outputs(out_dir: Path, per_record: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write per_record.jsonl, scores.json and report.md into out_dir; return the scores.json content."""
+    """Write per_record.jsonl, scores.json and report.md into out_dir; return the scores.json content.
+    `meta["metrics_preset"]` names the preset the per-record scores were computed with (default strict)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "per_record.jsonl").open("w", encoding="utf-8") as f:
         for row in per_record:
             f.write(json.dumps(row) + "\n")
     scores = {**summarise_by_task(per_record, seed=int(meta.get("seed", 0))), "meta": meta}
-    scores["meta"]["rouge_stemming"] = ROUGE_STEMMING
+    preset = get_preset(scores["meta"].setdefault("metrics_preset", DEFAULT_PRESET))
+    scores["meta"]["rouge_stemming"] = preset.rouge_stemming
+    scores["meta"]["meteor_tokens"] = preset.meteor_tokens
     (out_dir / "scores.json").write_text(json.dumps(scores, indent=2))
     (out_dir / "report.md").write_text(render_report(scores))
     return scores
@@ -74,9 +87,13 @@ def render_report(scores: dict[str, Any]) -> str:
         f"Split `{meta.get('split')}`, prompts {'without profiles (ablated)' if meta.get('ablated') else 'with profiles'}, "
         f"model `{meta.get('model')}`; decoding: {json.dumps(meta.get('generation', {}))}.",
         "",
+        f"Metrics preset `{meta.get('metrics_preset', DEFAULT_PRESET)}` "
+        f"({get_preset(meta.get('metrics_preset', DEFAULT_PRESET)).source}).",
+        "",
         "Scores x100. ROUGE: `rouge-score` F-measure, Porter stemming "
-        f"{'on' if ROUGE_STEMMING else 'off'}, mean over records (no bootstrap resampling of the mean). "
-        "METEOR: NLTK (WordNet 3.0). Empty or missing generations score 0 and are counted. "
+        f"{'on' if meta.get('rouge_stemming', True) else 'off'}, mean over records (no bootstrap resampling of the "
+        f"mean). METEOR: NLTK (WordNet 3.0) over `{meta.get('meteor_tokens', 'words_punct')}` tokens. Empty or "
+        "missing generations score 0 and are counted. "
         f"Brackets: seeded (seed {meta.get('seed', 0)}) percentile bootstrap 95% interval of the mean.",
         "",
         "| task | n | empty | missing | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |",
@@ -100,6 +117,12 @@ def compare_runs(eval_dirs: list[Path], labels: list[str], seed: int = 0) -> dic
     """
     per = [_per_record(d) for d in eval_dirs]
     scores = [json.loads((d / "scores.json").read_text()) for d in eval_dirs]
+    presets = {str(d): s.get("meta", {}).get("metrics_preset", DEFAULT_PRESET) for d, s in zip(eval_dirs, scores)}
+    if len(set(presets.values())) > 1:
+        raise UserError(
+            f"cannot compare evaluations scored with different metrics presets ({presets}); re-evaluate with one "
+            "--metrics-preset"
+        )
     tasks = sorted(set().union(*(s["by_task"] for s in scores)))
     rows = []
     for task in ["all", *tasks]:

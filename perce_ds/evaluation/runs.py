@@ -20,13 +20,14 @@ from perce_ds.data.pipeline import data_files
 from perce_ds.data.prompts import PromptSettings, TokenizedExample, tokenize_record
 from perce_ds.data.records import PersonaRecord, RecordError
 from perce_ds.data.sources import load_many
+from perce_ds.errors import UserError
 from perce_ds.evaluation.generation import GenItem
 from perce_ds.fingerprints import digest, weight_files_fingerprint
 
 log = logging.getLogger("perce_ds")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError, ValueError):
     """A run directory, split, model or generations file that cannot be evaluated; says what to do."""
 
 
@@ -41,18 +42,23 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def split_records(
-    cfg: RunConfig, split: str, files: list[str] | None = None, tasks: list[str] | None = None
+    cfg: RunConfig,
+    split: str,
+    files: list[str] | None = None,
+    tasks: list[str] | None = None,
+    require_response: bool = True,
 ) -> list[PersonaRecord]:
     """Records of `split` ("test" or "eval"), or of `files` when given, restricted to `tasks`.
 
     The synthetic task's test split is generated on the fly (same users, unseen requests); a file-based
-    run has no test files in its config, so `files` must name them.
+    run has no test files in its config, so `files` must name them. `require_response=False` also reads a
+    prediction-only split (LaMP's test questions): its records have the response "".
     """
     source = getattr(cfg.data, "source", "files")
     if files:
-        records, _ = load_many(list(files))
+        records, _ = load_many(list(files), require_response=require_response)
     elif source != "files" and not cfg.data.synthetic.enabled:
-        records = _task_split_records(cfg, split)
+        records = _task_split_records(cfg, split, require_response)
     elif cfg.data.synthetic.enabled:
         syn = cfg.data.synthetic
         records = synthetic.generate_records(syn.users, syn.eval_per_user, syn.seed, split)
@@ -79,7 +85,7 @@ def split_records(
     return records
 
 
-def _task_split_records(cfg: RunConfig, split: str) -> list[PersonaRecord]:
+def _task_split_records(cfg: RunConfig, split: str, require_response: bool = True) -> list[PersonaRecord]:
     """A LongLaMP / LaMP source's split through the data pipeline's own loader ("test" replaces eval_split)."""
     import copy
 
@@ -89,7 +95,7 @@ def _task_split_records(cfg: RunConfig, split: str) -> list[PersonaRecord]:
     section = cfg.data.longlamp if cfg.data.source == "longlamp" else cfg.data.lamp
     if split == "test":
         section.eval_split = "test"
-    records, _ = pipeline.load_task_split(cfg, "eval")
+    records, _ = pipeline.load_task_split(cfg, "eval", require_response)
     if not records:
         raise EvalInputError(f"data.source={cfg.data.source}: split {split!r} is empty or unset")
     return records
