@@ -59,7 +59,7 @@ def test_rouge_hand_checked(prediction, reference, r1, rl):
 @pytest.mark.parametrize("empty", ["", "   \n", None])
 def test_empty_or_missing_generation_scores_zero_and_is_counted(empty):
     scores = metrics.score_record(empty, "a real reference text")
-    assert scores == {"rouge1": 0.0, "rougeL": 0.0, "meteor": 0.0, "empty": 1.0}
+    assert scores == {"rouge1": 0.0, "rougeL": 0.0, "meteor": 0.0, "empty": 1.0, "think_stripped": 0.0}
 
 
 def test_missing_records_score_zero_and_are_counted():
