@@ -106,3 +106,29 @@ def test_paired_bootstrap_pvalue():
     noisy = a + rng.normal(0, 0.3, 100) * 0.1 - 0.0
     p = metrics.paired_bootstrap_pvalue(a, noisy, seed=1)
     assert p == metrics.paired_bootstrap_pvalue(a, noisy, seed=1) and 0.0 < p <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("generation", "answer", "stripped"),
+    [
+        ("<think>\nthe user wants a review\n</think>\n\nI loved it.", "I loved it.", True),
+        ("  <think></think>I loved it.", "I loved it.", True),
+        ("<think>still thinking when the token budget ran out", "", True),  # unclosed: no answer at all
+        ("I loved it. <think>later</think>", "I loved it. <think>later</think>", False),  # only a leading block
+        ("I loved it.", "I loved it.", False),
+        (None, None, False),
+    ],
+)
+def test_leading_think_block_is_stripped(generation, answer, stripped):
+    assert metrics.strip_think(generation) == (answer, stripped)
+
+
+def test_think_block_is_not_scored_and_is_counted():
+    ref = "I loved it, the staff were kind."
+    thinking = "<think>\nMaybe mention the staff, kind, loved, it.\n</think>\n\nI loved it, the staff were kind."
+    scored = metrics.score_record(thinking, ref)
+    assert scored == {**metrics.score_record(ref, ref), "think_stripped": 1.0}
+    unclosed = metrics.score_record("<think>I loved it, the staff were kind.", ref)
+    assert unclosed["rougeL"] == 0.0 and unclosed["empty"] == 1.0 and unclosed["think_stripped"] == 1.0
+    per = score_generations({"a": ("t", ref), "b": ("t", ref)}, {"a": thinking, "b": ref})
+    assert summarise_by_task(per)["overall"]["n_think_stripped"] == 1

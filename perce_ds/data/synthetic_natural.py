@@ -4,8 +4,9 @@ Every user has eight traits. Four are **copyable**: the profile states the value
 response uses (home city, pet's name, hobby, sign-off, plus the user's name). Four are **inferable**:
 the profile only implies them and the response names them in other words — the pet's kind from what
 the pet does ("Biscuit barked at the postman" -> "dog"), the cuisine from dishes cooked ("pad thai",
-"green curry" -> "Thai"), the country from the city ("Lisbon" -> "Portugal"), the profession from a
-work diary ("marked thirty essays" -> "teacher"). Responses are natural text mixing generic words with
+"green curry" -> "Thai"; "pad thai" is the one dish sharing its cuisine's letters, in lower case), the
+country from the city ("Lisbon" -> "Portugal"), the profession from a work diary ("marked thirty essays"
+-> "teacher"). Responses are natural text mixing generic words with
 these values; `persona_spans` marks every value and `persona_span_kinds` says "copy" or "infer".
 
 Splits hold disjoint users (train: the first `users`, eval: the next `eval_users`, test: the next
