@@ -59,13 +59,12 @@ def _conversation(tok, user: str, response: str, kwargs: dict) -> str:
     return tok.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
-def test_training_sequence_is_what_the_template_renders(family):
-    name, tok = family
-    kwargs = FAMILIES[name][7]
+def check_prompts_follow_the_template(tok, kwargs: dict, eot_token: str, records) -> None:
+    """Conditioned/ablated prompts + response of each record against the tokenizer's own template."""
     settings = PromptSettings(SYSTEM, 1024, 512, chat_template_kwargs=kwargs)
-    eot = tok.convert_tokens_to_ids(FAMILIES[name][5])
+    eot = tok.convert_tokens_to_ids(eot_token)
     assert end_of_turn_id(tok, kwargs) == eot
-    for record in generate_records(3, 2, 2, 0, "eval"):
+    for record in records:
         ex = tokenize_record(record, tok, settings, "fixture")
         assert ex.profile_items_kept == len(record.profile) > 0
         # the response ends with the end-of-turn token and holds no other special token
@@ -81,6 +80,11 @@ def test_training_sequence_is_what_the_template_renders(family):
         assert PROFILE_HEADER in cond and PROFILE_HEADER not in abl
         assert ex.profile_block and cond.replace(ex.profile_block, "", 1) == abl
         assert ex.cond_prompt_ids[-3:] == ex.abl_prompt_ids[-3:]  # both end where the answer begins
+
+
+def test_training_sequence_is_what_the_template_renders(family):
+    name, tok = family
+    check_prompts_follow_the_template(tok, FAMILIES[name][7], FAMILIES[name][5], generate_records(3, 2, 2, 0, "eval"))
 
 
 def test_llama3_response_ends_with_eot_not_eos(tmp_path):
