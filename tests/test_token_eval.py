@@ -74,3 +74,34 @@ def test_paired_difference_is_the_pooled_token_difference():
     assert s["persona"]["tokens"] == 4 and s["other"]["nll"] == pytest.approx(5.0 / 5)
     with pytest.raises(ValueError, match="different tokens"):
         token_eval.paired_difference(base, _rows(base_nll, [kinds[0], kinds[2], kinds[1]]), "persona")
+
+
+def test_compare_token_table_of_two_runs(tmp_path):
+    import importlib.util
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.launch_utils import ROOT, make_eval_run
+
+    spec = importlib.util.spec_from_file_location("compare_cli", ROOT / "launch" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    a, b = make_eval_run(tmp_path / "a"), make_eval_run(tmp_path / "b")
+    shutil.copytree(a / "hf", a / "hf_init")  # a from-scratch run's starting model: step 0 == run a here
+    lm = AutoModelForCausalLM.from_pretrained(str(b / "hf"))
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lm.save_pretrained(str(b / "hf"))
+    md = compare.token_compare([a, b], "", tmp_path / "out")
+    result = json.loads((tmp_path / "out" / "tokens.json").read_text())
+    s, d = result["summaries"], result["differences"]["b"]
+    assert s["step0"] == s["a"]  # the same weights scored twice give the same numbers
+    for cls in ("persona", "other"):
+        assert d[cls]["nll"]["diff"] == pytest.approx(s["b"][cls]["nll"] - s["a"][cls]["nll"], abs=1e-9)
+        assert d[cls]["nll"]["ci_low"] <= d[cls]["nll"]["diff"] <= d[cls]["nll"]["ci_high"]
+    assert "NLL, persona tokens" in md and "PIR detector F1" in md and "copy tokens" not in md  # no kinds here
+    with pytest.raises(SystemExit, match="other data"):
+        compare.token_compare([a, make_eval_run(tmp_path / "c", seed=1)], "", tmp_path / "out2")
