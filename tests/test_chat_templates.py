@@ -115,3 +115,10 @@ def test_chat_template_kwargs_from_the_config_reach_prompt_settings(tmp_path):
     assert tok.decode(ex.abl_prompt_ids, skip_special_tokens=False).endswith("<think>\n\n</think>\n\n")
     plain = tokenize_record(record, tok, PromptSettings(SYSTEM, 1024, 512), "plain")
     assert tok.decode(plain.abl_prompt_ids, skip_special_tokens=False).endswith("assistant\n")
+
+
+def test_every_qwen3_recipe_asks_for_the_non_thinking_prompt():
+    recipes = sorted((Path(__file__).parents[1] / "recipes").rglob("*qwen3*.yaml"))
+    assert len(recipes) >= 12
+    for path in recipes:
+        assert RunConfig.load(path).data.chat_template_kwargs == {"enable_thinking": False}, path
