@@ -6,6 +6,7 @@ fresh machine builds it once (~1 minute) and later sessions on the same checkout
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -65,7 +66,7 @@ def test_trains_under_zero3_on_two_ranks_and_its_export_generates(smollm2_dir, t
     overrides = [f"--model.name_or_path={smollm2_dir}", f"--train.output_dir={tmp_path}", "--train.run_name=smol",
                  "--train.max_steps=2", "--data.synthetic.users=4", "--data.synthetic.train_per_user=1",
                  "--data.synthetic.eval_users=2", "--data.synthetic.eval_per_user=1",
-                 "--train.final_generation_eval=false"]  # fmt: skip
+                 "--train.eval_max_new_tokens=8"]  # the recipe's final generation eval, on 2 unseen users  # fmt: skip
     recipe = write_recipe(tmp_path / "r.yaml", RunConfig.load(RECIPE).to_dict())
     check(run_deepspeed(TRAIN, ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json"), "--recipe", str(recipe),
                                 *overrides], nproc=2, timeout=1200))  # fmt: skip
@@ -76,6 +77,9 @@ def test_trains_under_zero3_on_two_ranks_and_its_export_generates(smollm2_dir, t
     # PerCE differs from CE from the first step: the pretrained model already reads the profile
     assert rows[0]["personal_ratio"] > 0 and rows[0]["weight_mean"] > 0.8
     assert rows[0]["pir_persona_tokens"] > rows[0]["pir_other_tokens"]
+    demo = json.loads((run / "summary.json").read_text())["eval"]
+    assert demo["demo_n_records"] == 2 and demo["demo_n_empty"] == 0  # ZeRO-3 synced generation answered both
+    assert demo["demo_persona_token_acc"] is not None and demo["demo_pir_best_f1"] is not None
     tok = load_tokenizer(run / "hf")
     assert tok.chat_template == load_tokenizer(smollm2_dir).chat_template
     lm = AutoModelForCausalLM.from_pretrained(str(run / "hf"), dtype=torch.float32).eval()
