@@ -3,6 +3,12 @@ paired bootstrap p-value, a cross-task matrix, and the runs' training curves sid
 
     python launch/compare.py runs/CE runs/PERCE [--eval-name NAME] [--out DIR]
     python launch/compare.py --recipe recipes/demo_compare.yaml      # train CE and PerCE, evaluate, compare
+    python launch/compare.py runs/CE runs/PERCE --token-eval --eval-name eval   # + teacher-forced token table
+
+With --token-eval (or `token_eval: true` in a compare recipe), on a split with ground-truth persona spans:
+the starting model (step 0) and every run's hf/ are scored token by token (perce_ds/evaluation/token_eval.py)
+and tokens.md / tokens.json hold NLL and accuracy per token class, ROUGE-L / METEOR, PIR as a detector,
+each with a paired bootstrap 95% interval of the difference against the first run.
 
 Each run must have been evaluated (launch/evaluate.py) into <run>/eval/<NAME>/ (default: <run>/eval/).
 Writes <out>/compare.md, compare.json and training_curves.png (default out: <first run>/../compare).
@@ -52,6 +58,128 @@ def compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) -> str:
     return md
 
 
+def _scores_of(model_dir: Path, cfg, records, examples, tokenizer, cache: Path, meta: dict):
+    """Token scores of one model, cached in `cache` (keyed by the model's identity)."""
+    from perce_ds.evaluation import runs as runs_mod
+    from perce_ds.evaluation import token_eval
+
+    identity = runs_mod.model_identity(model_dir)
+    if cache.is_file() and json.loads(cache.read_text())["meta"].get("model_id") == identity:
+        return token_eval.load(cache)
+    from perce_ds.model import resolve_dtype
+
+    lm = runs_mod.load_plain_model(model_dir, resolve_dtype(cfg.model.dtype), _device())
+    rows = token_eval.score_tokens(lm, tokenizer, records, examples)
+    token_eval.save(rows, cache, {**meta, "model": str(model_dir), "model_id": identity})
+    return rows
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def token_compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) -> str:
+    """Teacher-forced token table of the runs against the first, plus the starting model; write tokens.md/json."""
+    from perce_ds.evaluation import runs as runs_mod
+    from perce_ds.evaluation import token_eval
+    from perce_ds.evaluation.report import _per_record
+
+    cfg = runs_mod.load_run_config(runs[0])
+    for r in runs[1:]:
+        other = runs_mod.load_run_config(r)
+        if other.data != cfg.data or other.model.name_or_path != cfg.model.name_or_path:
+            raise SystemExit(f"error: {r} was trained on other data or from another model than {runs[0]}")
+    from perce_ds.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(runs_mod.resolve_model_dir(runs[0], None))
+    records = runs_mod.split_records(cfg, "eval")
+    examples, _ = runs_mod.tokenize_for_eval(records, tokenizer, runs_mod.prompt_settings(cfg))
+    meta = {"split": "eval", "n_records": len(records)}
+    init_dir = Path(cfg.model.name_or_path) if cfg.model.name_or_path else runs[0] / "hf_init"
+    if not (init_dir / "config.json").is_file():
+        raise SystemExit(f"error: no starting model to score at {init_dir} (a hub id? build the folder first)")
+    init = _scores_of(init_dir, cfg, records, examples, tokenizer, out / "tokens_step0.json", meta)
+    scored = [_scores_of(runs_mod.resolve_model_dir(r, None), cfg, records, examples, tokenizer,
+                         r / "eval" / "tokens.json", meta) for r in runs]  # fmt: skip
+    clip = cfg.loss.clip_min
+    summaries = {
+        "step0": token_eval.summarise(init, clip),
+        **{r.name: token_eval.summarise(s, clip) for r, s in zip(runs, scored)},
+    }
+    diffs = {r.name: {c: token_eval.paired_difference(scored[0], s, c, seed=seed)
+                      for c in (*token_eval.PERSONA_CLASSES, token_eval.OTHER)} for r, s in zip(runs[1:], scored[1:])}  # fmt: skip
+    gen = {}
+    per = (
+        [_per_record(r / "eval" / eval_name) for r in runs]
+        if all((r / "eval" / eval_name / "per_record.jsonl").is_file() for r in runs)
+        else []
+    )
+    for i, r in enumerate(runs[1:], 1):
+        if per:
+            shared = [k for k in per[0] if k in per[i]]
+            gen[r.name] = {m: token_eval.paired_mean_difference([per[0][k][m] for k in shared], [per[i][k][m] for k in shared], seed=seed)
+                           for m in ("rougeL", "meteor")}  # fmt: skip
+    gen_means = {
+        r.name: {m: float(sum(p[k][m] for k in p) / len(p)) for m in ("rougeL", "meteor")} for r, p in zip(runs, per)
+    }
+    result = {"summaries": summaries, "differences": diffs, "generation_differences": gen, "generation_means": gen_means,
+              "runs": [str(r) for r in runs], "step0_model": str(init_dir)}  # fmt: skip
+    md = render_token_table(result, [r.name for r in runs])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokens.json").write_text(json.dumps(result, indent=2))
+    (out / "tokens.md").write_text(md)
+    return md
+
+
+def render_token_table(result: dict, labels: list[str]) -> str:
+    """Markdown: per metric, the baseline's value and each run's value with its difference [95% CI]."""
+    s, d, g = result["summaries"], result["differences"], result["generation_differences"]
+
+    def cell(value, diff=None, scale=1.0, digits=3):
+        if value is None:
+            return "n/a"
+        text = f"{scale * value:.{digits}f}"
+        if diff:
+            text += f" ({scale * diff['diff']:+.{digits}f} [{scale * diff['ci_low']:+.{digits}f}, {scale * diff['ci_high']:+.{digits}f}])"
+        return text
+
+    head = ["metric (eval split, unseen users)", "step 0", *labels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, name in (("nll", "NLL"), ("acc", "accuracy")):
+        for cls in ("persona", "copy", "infer", "other"):
+            if not s["step0"][cls]["tokens"]:
+                continue
+            row = [
+                f"{name}, {cls} tokens ({s['step0'][cls]['tokens']})",
+                cell(s["step0"][cls][key]),
+                cell(s[labels[0]][cls][key]),
+            ]
+            row += [cell(s[lab][cls][key], d[lab][cls][key]) for lab in labels[1:]]
+            lines.append("| " + " | ".join(row) + " |")
+    for m, name in (("rougeL", "ROUGE-L (x100, greedy)"), ("meteor", "METEOR (x100, greedy)")):
+        if labels[0] in result["generation_means"]:
+            row = [name, "", cell(result["generation_means"][labels[0]][m], scale=100, digits=2)]
+            row += [cell(result["generation_means"][lab][m], g[lab][m], scale=100, digits=2) for lab in labels[1:]]
+            lines.append("| " + " | ".join(row) + " |")
+    if "pir_detector" in s["step0"]:
+        for key, rnd, name in (("best_f1", "random_f1_at_best", "PIR detector F1, best threshold (random)"),
+                               ("f1_at_0", "random_f1_at_0", "PIR detector F1, PIR > 0 (random)")):  # fmt: skip
+            row = [name] + [
+                f"{s[k]['pir_detector'][key]:.3f} ({s[k]['pir_detector'][rnd]:.3f})" for k in ("step0", *labels)
+            ]
+            lines.append("| " + " | ".join(row) + " |")
+    for cls in ("persona", "other"):
+        row = [f"mean PIR, {cls} tokens"] + [f"{s[k]['pir_mean'][cls]:.3f}" for k in ("step0", *labels)]
+        lines.append("| " + " | ".join(row) + " |")
+    share = s["step0"]["share_pir_above_clip_min"]
+    note = (f"\nShare of eval tokens with PIR > clip_min ({share['clip_min']}) at step 0: {share['all']:.3f} "
+            f"(persona {share['persona']:.3f}, other {share['other']:.3f}). Differences: run - {labels[0]}, "
+            "paired bootstrap 95% interval over records (2000 resamples, seeded); NLL in nats per token.\n")  # fmt: skip
+    return "\n".join(lines) + "\n" + note
+
+
 def run_recipe(path: Path) -> list[Path]:
     """Train and evaluate every run of a compare recipe; return the run directories in order."""
     import yaml
@@ -63,8 +191,9 @@ def run_recipe(path: Path) -> list[Path]:
     run_dirs = []
     for run in spec["runs"]:
         name = run["name"]
+        own = [f"--{k}={v}" for k, v in (run.get("overrides") or {}).items()]  # this run only, after the common ones
         cmd = [*launcher, str(ROOT / "launch" / "train.py"), "--deepspeed", str(ROOT / spec.get("deepspeed", "ds_configs/zero3.json")),
-               "--recipe", str(ROOT / run["recipe"]), f"--train.output_dir={out_dir}", f"--train.run_name={name}", *common]  # fmt: skip
+               "--recipe", str(ROOT / run["recipe"]), f"--train.output_dir={out_dir}", f"--train.run_name={name}", *common, *own]  # fmt: skip
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
         ev = [sys.executable, str(ROOT / "launch" / "evaluate.py"), "--run", str(out_dir / name),
@@ -75,6 +204,19 @@ def run_recipe(path: Path) -> list[Path]:
     return run_dirs
 
 
+def _eval_name_of(evaluate_args: list) -> str:
+    """The eval sub-directory launch/evaluate.py writes for these arguments (EvalOptions.output_name)."""
+    import importlib.util
+
+    from perce_ds.evaluation.evaluate import EvalOptions
+
+    spec = importlib.util.spec_from_file_location("perce_evaluate_cli", ROOT / "launch" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    a = cli.build_parser().parse_args(["--run", "x", *map(str, evaluate_args)])
+    return EvalOptions(run=a.run, split=a.split, tasks=a.tasks, ablated=a.ablated, name=a.name).output_name()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", type=Path, help="run directories; the first is the baseline")
@@ -82,13 +224,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-name", default="", help="evaluation sub-directory to compare (default: eval/ itself)")
     p.add_argument("--out", type=Path, help="output directory (default: <first run>/../compare)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token-eval", action="store_true", help="also the teacher-forced token table (tokens.md)")
     args = p.parse_args(argv)
     runs = run_recipe(args.recipe) if args.recipe else args.runs
+    spec_eval_name = None
+    if args.recipe:
+        import yaml
+
+        spec = yaml.safe_load(args.recipe.read_text())
+        args.token_eval = args.token_eval or bool(spec.get("token_eval"))
+        spec_eval_name = _eval_name_of(spec.get("evaluate_args", []))
+    eval_name = args.eval_name or spec_eval_name or ""
     if len(runs) < 2:
         p.error("give at least two run directories (or --recipe)")
     out = args.out or runs[0].parent / "compare"
-    print(compare(runs, args.eval_name, out, args.seed))
+    print(compare(runs, eval_name, out, args.seed))
     print(f"wrote {out}/compare.md, compare.json, training_curves.png")
+    if args.token_eval:
+        print(token_compare(runs, eval_name, out, args.seed))
+        print(f"wrote {out}/tokens.md, tokens.json")
     return 0
 
 

@@ -38,10 +38,24 @@ class ModelConfig:
 @dataclass
 class SyntheticDataConfig:
     enabled: bool = False
-    users: int = 24
+    # persona: template profiles, eval asks the training users new things (perce_ds/data/synthetic.py);
+    # persona_natural: natural-sentence profiles, copyable and inferable persona tokens, eval on unseen
+    # users (perce_ds/data/synthetic_natural.py) -- for pretrained chat models.
+    task: Literal["persona", "persona_natural"] = "persona"
+    users: int = 24  # persona_natural: the training users
     train_per_user: int = 8
     eval_per_user: int = 2
+    eval_users: int = 0  # persona_natural only: unseen users in the eval split (and as many more in test)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task == "persona" and self.eval_users:
+            raise ConfigError(
+                "data.synthetic.eval_users is used only by task persona_natural (task persona evaluates its "
+                "training users); remove it or set data.synthetic.task=persona_natural"
+            )
+        if self.enabled and self.task == "persona_natural" and self.eval_users < 1:
+            raise ConfigError("data.synthetic.task=persona_natural needs data.synthetic.eval_users >= 1 (unseen users)")
 
 
 @dataclass
@@ -75,6 +89,9 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     system_prompt: str = "You are a helpful assistant who writes in the user's own voice."
+    # extra arguments of tokenizer.apply_chat_template, the same in training, E-step and generation
+    # (Qwen3: {enable_thinking: false} gives the non-thinking prompt with its empty think block)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_length: int = 1024  # conditioned prompt + response, in tokens
     max_profile_tokens: int = 512  # budget for the profile block (files: whole items dropped; tasks: per item)
     on_bad_record: Literal["error", "skip"] = "error"

@@ -60,7 +60,7 @@ def test_rouge_hand_checked(prediction, reference, r1, rl):
 @pytest.mark.parametrize("empty", ["", "   \n", None])
 def test_empty_or_missing_generation_scores_zero_and_is_counted(empty):
     scores = metrics.score_record(empty, "a real reference text")
-    assert scores == {"rouge1": 0.0, "rougeL": 0.0, "meteor": 0.0, "empty": 1.0}
+    assert scores == {"rouge1": 0.0, "rougeL": 0.0, "meteor": 0.0, "empty": 1.0, "think_stripped": 0.0}
 
 
 def test_missing_records_score_zero_and_are_counted():
@@ -190,3 +190,29 @@ def test_unknown_preset_is_a_config_error():
         ConfigError, match="eval.metrics_preset: unknown preset 'paper'; known: \\['longlamp', 'mirror', 'strict'\\]"
     ):
         RunConfig.load(None, ["model.name_or_path=x", "data.synthetic.enabled=true", "eval.metrics_preset=paper"])
+
+
+@pytest.mark.parametrize(
+    ("generation", "answer", "stripped"),
+    [
+        ("<think>\nthe user wants a review\n</think>\n\nI loved it.", "I loved it.", True),
+        ("  <think></think>I loved it.", "I loved it.", True),
+        ("<think>still thinking when the token budget ran out", "", True),  # unclosed: no answer at all
+        ("I loved it. <think>later</think>", "I loved it. <think>later</think>", False),  # only a leading block
+        ("I loved it.", "I loved it.", False),
+        (None, None, False),
+    ],
+)
+def test_leading_think_block_is_stripped(generation, answer, stripped):
+    assert metrics.strip_think(generation) == (answer, stripped)
+
+
+def test_think_block_is_not_scored_and_is_counted():
+    ref = "I loved it, the staff were kind."
+    thinking = "<think>\nMaybe mention the staff, kind, loved, it.\n</think>\n\nI loved it, the staff were kind."
+    scored = metrics.score_record(thinking, ref)
+    assert scored == {**metrics.score_record(ref, ref), "think_stripped": 1.0}
+    unclosed = metrics.score_record("<think>I loved it, the staff were kind.", ref)
+    assert unclosed["rougeL"] == 0.0 and unclosed["empty"] == 1.0 and unclosed["think_stripped"] == 1.0
+    per = score_generations({"a": ("t", ref), "b": ("t", ref)}, {"a": thinking, "b": ref})
+    assert summarise_by_task(per)["overall"]["n_think_stripped"] == 1

@@ -103,8 +103,8 @@ def materialise_synthetic(cfg: RunConfig) -> None:
     """Write the synthetic train/eval JSONL files (rank 0 only; idempotent for the same config)."""
     syn = cfg.data.synthetic
     train_path, eval_path = (Path(p[0]) for p in data_files(cfg))
-    synthetic.write_jsonl(synthetic.generate_records(syn.users, syn.train_per_user, syn.seed, "train"), train_path)
-    synthetic.write_jsonl(synthetic.generate_records(syn.users, syn.eval_per_user, syn.seed, "eval"), eval_path)
+    synthetic.write_jsonl(synthetic.split_records(syn, "train"), train_path)
+    synthetic.write_jsonl(synthetic.split_records(syn, "eval"), eval_path)
 
 
 def _tokenizer_texts(cfg: RunConfig, records: list[PersonaRecord]) -> list[str]:
@@ -178,7 +178,9 @@ def resolve_tokenizer(cfg: RunConfig) -> Any:
 
 def prompt_settings(cfg: RunConfig) -> PromptSettings:
     d = cfg.data
-    return PromptSettings(d.system_prompt, d.max_length, d.max_profile_tokens, d.max_response_tokens)
+    return PromptSettings(
+        d.system_prompt, d.max_length, d.max_profile_tokens, d.max_response_tokens, dict(d.chat_template_kwargs)
+    )
 
 
 def tokenize_split(files: list[str], tokenizer: Any, cfg: RunConfig) -> tuple[list[TokenizedExample], SplitReport]:

@@ -26,6 +26,7 @@ class PromptSettings:
     max_length: int
     max_profile_tokens: int
     max_response_tokens: int = 0  # 0 = never cut the response
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra apply_chat_template arguments
 
 
 @dataclass
@@ -95,20 +96,58 @@ def profile_format(task: str) -> ProfileFormat | None:
     return PROFILE_FORMATS.get(task)
 
 
-def render_prompt(tokenizer: Any, system_prompt: str, user_content: str) -> str:
-    """The chat-templated prompt text up to and including the assistant header."""
+def render_prompt(
+    tokenizer: Any, system_prompt: str, user_content: str, template_kwargs: dict[str, Any] | None = None
+) -> str:
+    """The chat-template text of a system + user turn ending where the assistant's answer begins.
+
+    `template_kwargs` go to apply_chat_template (data.chat_template_kwargs, e.g. Qwen3's
+    enable_thinking=False); training, the E-step and generation all build their prompts here.
+    """
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    )
+
+
+_TURN_MARKER = "PERCE-END-OF-TURN-PROBE"
+
+
+def end_of_turn_id(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> int:
+    """The id that closes an assistant turn in the tokenizer's chat template, else EOS.
+
+    Read from the template itself: the first token after an assistant message's content, when it is a
+    special token (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>). A model must learn to
+    end its answer with what its template puts there, which need not be the tokenizer's EOS (Llama-3
+    tokenizers may say <|end_of_text|>). perce_ds's own fallback template (tokenizers that have none, models
+    built from scratch) ends responses with EOS, as it always did.
+    """
+    from perce_ds.data.tokenizer import FALLBACK_CHAT_TEMPLATE
+
+    if tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE:
+        return tokenizer.eos_token_id
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **(template_kwargs or {}))
+    except Exception:  # a template that cannot render an assistant turn: fall back to EOS
+        return tokenizer.eos_token_id
+    if _TURN_MARKER not in text:
+        return tokenizer.eos_token_id
+    after = _ids(tokenizer, text[text.rindex(_TURN_MARKER) + len(_TURN_MARKER) :])
+    special = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    return after[0] if after and after[0] in special else tokenizer.eos_token_id
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def response_token_ids(tokenizer: Any, response: str, spans: list[list[int]]) -> tuple[list[int], list[bool]]:
-    """Response ids (+ EOS) and, when spans are given, which tokens overlap a persona span."""
+def response_token_ids(
+    tokenizer: Any, response: str, spans: list[list[int]], end_id: int | None = None
+) -> tuple[list[int], list[bool]]:
+    """Response ids + the end-of-turn id (default EOS) and, when spans are given, which tokens overlap a span."""
     enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=bool(spans))
-    ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
+    ids = list(enc["input_ids"]) + [tokenizer.eos_token_id if end_id is None else end_id]
     if not spans:
         return ids, []
     mask = [any(s < end and start < e for s, e in spans) for start, end in enc["offset_mapping"]]
@@ -132,9 +171,11 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
     <= max_length. The response is never cut: a record that cannot fit even without its profile
     raises RecordError naming the field to shorten.
     """
-    response_ids, persona_mask = response_token_ids(tokenizer, record.response, record.persona_spans)
+    kw = settings.chat_template_kwargs
+    end_id = end_of_turn_id(tokenizer, kw)
+    response_ids, persona_mask = response_token_ids(tokenizer, record.response, record.persona_spans, end_id)
     response_ids, persona_mask, capped = cap_response(response_ids, persona_mask, settings.max_response_tokens)
-    abl_ids = _ids(tokenizer, render_prompt(tokenizer, settings.system_prompt, record.query))
+    abl_ids = _ids(tokenizer, render_prompt(tokenizer, settings.system_prompt, record.query, kw))
     if len(abl_ids) + len(response_ids) > settings.max_length:
         field_name = "response" if len(response_ids) >= settings.max_length else "query"
         raise RecordError(
@@ -148,7 +189,9 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
     budget = min(settings.max_profile_tokens, settings.max_length - len(abl_ids) - len(response_ids))
     fmt = profile_format(record.task)
     if fmt is not None:
-        fit = build_block(record.profile, fmt, tokenizer, budget, settings.system_prompt, record.query, len(abl_ids))
+        fit = build_block(
+            record.profile, fmt, tokenizer, budget, settings.system_prompt, record.query, len(abl_ids), kw
+        )
         return TokenizedExample(
             record_id=record.record_id,
             cond_prompt_ids=fit.cond_ids if fit.block else list(abl_ids),
@@ -165,7 +208,7 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
 
     def cond_prompt(kept: int) -> list[int]:
         user_content = profile_block(record.profile[:kept]) + record.query
-        return _ids(tokenizer, render_prompt(tokenizer, settings.system_prompt, user_content))
+        return _ids(tokenizer, render_prompt(tokenizer, settings.system_prompt, user_content, kw))
 
     def fits(ids: list[int]) -> bool:
         return len(ids) - len(abl_ids) <= budget
@@ -215,6 +258,7 @@ def build_block(
     system_prompt: str,
     query: str,
     n_abl: int,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> BlockFit:
     """The largest LongLaMP-style block (in item order) whose conditioned prompt is <= n_abl + budget tokens.
 
@@ -257,7 +301,7 @@ def build_block(
 
     def render() -> tuple[str, list[int]]:
         block = fmt.block([cut(i, k) for i, k in enumerate(plans) if k is not None])
-        return block, _ids(tokenizer, render_prompt(tokenizer, system_prompt, block + query))
+        return block, _ids(tokenizer, render_prompt(tokenizer, system_prompt, block + query, template_kwargs))
 
     block, cond_ids = render()
     while block and len(cond_ids) - n_abl > budget:

@@ -31,9 +31,15 @@ class PersonaRecord:
     # Ground truth where it is known (the synthetic task): character spans [start, end) of the
     # response that only the profile can predict.
     persona_spans: list[list[int]] = field(default_factory=list)
+    # Optional, one per span: what kind of persona token it is (the natural synthetic task: "copy" for a
+    # value stated in the profile, "infer" for one only implied by it), so evaluations can report them apart.
+    persona_span_kinds: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.persona_span_kinds:
+            del out["persona_span_kinds"]  # files of tasks without kinds stay as they were
+        return out
 
 
 REQUIRED_STR_FIELDS = ("user_id", "task", "query", "response")
@@ -118,10 +124,20 @@ def record_from_dict(raw: Any, source: str, where: str, require_response: bool =
             raise RecordError(
                 source, where, f"persona_spans[{i}]", f"{span} is not a [start, end) span of the response"
             )
+    kinds = raw.get("persona_span_kinds") or []
+    if hasattr(kinds, "tolist"):
+        kinds = kinds.tolist()
+    if kinds and (len(kinds) != len(spans) or not all(isinstance(k, str) and k for k in kinds)):
+        raise RecordError(
+            source, where, "persona_span_kinds",
+            f"expected one non-empty string per persona span ({len(spans)}), got {kinds!r}",
+            "give one kind per span, or leave persona_span_kinds out",
+        )  # fmt: skip
     record_id = raw.get("record_id")
     return PersonaRecord(
         profile=[json_value(dict(item), source, where, f"profile[{i}]") for i, item in enumerate(profile)],
         record_id=str(record_id) if record_id not in (None, "") else where,
         persona_spans=[[int(a), int(b)] for a, b in spans],
+        persona_span_kinds=list(kinds),
         **values,
     )

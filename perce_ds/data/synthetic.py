@@ -15,6 +15,7 @@ import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from perce_ds.data.records import PersonaRecord
 
@@ -240,6 +241,16 @@ def generate_records(n_users: int, per_user: int, seed: int, split: str = "train
                 )
             )
     return records
+
+
+def split_records(syn: Any, split: str) -> list[PersonaRecord]:
+    """The records of a split ("train", "eval", "test") of the task data.synthetic selects (`syn`: its section)."""
+    per_user = syn.train_per_user if split == "train" else syn.eval_per_user
+    if syn.task == "persona_natural":
+        from perce_ds.data import synthetic_natural
+
+        return synthetic_natural.generate_records(syn.users, syn.eval_users, per_user, syn.seed, split)
+    return generate_records(syn.users, per_user, syn.seed, split)
 
 
 def write_jsonl(records: list[PersonaRecord], path: str | Path) -> None:

@@ -154,16 +154,16 @@ def _score(
         rec = by_rid.get(e.record_id)
         ref = rec.response if rec else tokenizer.decode(e.response_ids[:-1], skip_special_tokens=True)
         gen = generations.get(e.record_id)
-        scores = metrics.rouge(gen, ref)
-        scores["meteor"] = metrics.meteor(gen, ref) if have_wordnet else float("nan")
+        scores = metrics.score_record(gen, ref, with_meteor=have_wordnet)
         per_record.append({"record_id": e.record_id, "task": rec.task if rec else "eval", **scores,
-                           "empty": float(not gen), "missing": float(e.record_id not in generations)})  # fmt: skip
+                           "missing": float(e.record_id not in generations)})  # fmt: skip
     summary = write_eval_outputs(out_dir, per_record, {"run": out_dir.parents[1].name, "split": "eval", "seed": 0,
                                                        "model": "live training engine", "ablated": False})  # fmt: skip
     for key in metrics.METRICS:
         v = summary["overall"][key]["mean"]
         res[f"demo_{key}"] = v if math.isfinite(v) else None
     res["demo_n_empty"] = summary["overall"]["n_empty"]
+    res["demo_n_think_stripped"] = summary["overall"]["n_think_stripped"]
     res["summary_lines"] = _summary_lines(res)
     return res
 
@@ -177,7 +177,8 @@ def _summary_lines(r: dict[str, Any]) -> str:
         f"demo eval ({r['demo_n_records']} records): persona-token accuracy {f('demo_persona_token_acc')} "
         f"vs other tokens {f('demo_other_token_acc')} (teacher forcing)",
         f"generated answers: ROUGE-1 {f('demo_rouge1', 100)}, ROUGE-L {f('demo_rougeL', 100)}, "
-        f"METEOR {f('demo_meteor', 100)} (x100; {r.get('demo_n_empty', 0)} empty)",
+        f"METEOR {f('demo_meteor', 100)} (x100; {r.get('demo_n_empty', 0)} empty, "
+        f"{r.get('demo_n_think_stripped', 0)} think blocks stripped)",
         f"PIR>0 as persona-token detector: F1 {f('demo_pir_f1')} (P {f('demo_pir_precision')}, R {f('demo_pir_recall')}) "
         f"vs random marking at the same rate {f('demo_pir_random_f1')}; best threshold {f('demo_pir_best_threshold')}: "
         f"F1 {f('demo_pir_best_f1')} (random {f('demo_pir_best_random_f1')})",

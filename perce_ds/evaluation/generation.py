@@ -124,12 +124,16 @@ def generate_batch(
     synced_gpus: bool = False,
     seed: int | None = None,
 ) -> list[str]:
-    """Decode continuations of left-padded `prompts`; each text stops before the first EOS.
+    """Decode continuations of left-padded `prompts`; each text stops before the first EOS or end-of-turn
+    id (what the chat template closes an assistant turn with, which the model was trained to emit).
 
     With `synced_gpus=True` (ZeRO-3 over several ranks) every rank must call this together.
     """
+    from perce_ds.data.prompts import end_of_turn_id
+
     device = next(lm.parameters()).device
     ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_id(tokenizer)})
     kwargs: dict[str, Any] = {"do_sample": settings.do_sample}
     if settings.do_sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
@@ -142,15 +146,15 @@ def generate_batch(
         max_new_tokens=max_new_tokens,
         min_new_tokens=None,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids,
         synced_gpus=synced_gpus,
         use_cache=True,
         **kwargs,
     )
     texts = []
     for row in out[:, ids.shape[1] :].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
+        ends = [i for i, t in enumerate(row) if t in stop_ids]
+        row = row[: ends[0]] if ends else row
         texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
 

@@ -7,6 +7,8 @@
   matching), on lower-cased `\\w+|[^\\w\\s]` tokens. WordNet must be installed offline by
   launch/setup_wordnet.sh; without it `meteor` raises WordNetMissingError instead of silently scoring 0.
 - An empty or missing generation scores 0 on every metric and is counted (never skipped).
+- A leading think block (`<think>...</think>`, Qwen3's reasoning) is removed before scoring and counted;
+  an unclosed one leaves nothing, i.e. an empty answer. The answer is what gets scored, not the thinking.
 - The reported mean is the plain mean over records (no bootstrap resampling); the bootstrap is used
   only for the 95% interval of that mean and for paired p-values, always with a fixed seed.
 Scores are fractions in [0, 1]; reports multiply by 100.
@@ -166,13 +168,31 @@ def meteor(prediction: str | None, reference: str, preset: str = DEFAULT_PRESET)
     return float(meteor_score([ref], hyp))
 
 
-def score_record(prediction: str | None, reference: str, preset: str = DEFAULT_PRESET) -> dict[str, float]:
-    """All METRICS for one record, plus "empty": 1.0 when the prediction is empty or missing."""
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def strip_think(prediction: str | None) -> tuple[str | None, bool]:
+    """(the text without a leading think block, whether one was there); an unclosed block leaves ""."""
+    if prediction is None or not prediction.lstrip().startswith(THINK_OPEN):
+        return prediction, False
+    _, closed, answer = prediction.partition(THINK_CLOSE)
+    return (answer.strip() if closed else ""), True
+
+
+def score_record(
+    prediction: str | None, reference: str, preset: str = DEFAULT_PRESET, with_meteor: bool = True
+) -> dict[str, float]:
+    """All METRICS for one record under `preset` (after strip_think), plus "empty": 1.0 when the answer is empty
+    or missing and "think_stripped": 1.0 when a leading think block was removed. METEOR is NaN when
+    `with_meteor` is False (WordNet missing where the caller tolerates that)."""
+    prediction, stripped = strip_think(prediction)
     empty = not prediction or not prediction.strip()
+    score = meteor(prediction, reference, preset) if with_meteor else float("nan")
     return {
         **rouge(prediction, reference, preset),
-        "meteor": meteor(prediction, reference, preset),
+        "meteor": score,
         "empty": float(empty),
+        "think_stripped": float(stripped),
     }
 
 
@@ -228,6 +248,7 @@ def summarise(per_record: list[dict[str, Any]], seed: int = 0, n_resamples: int 
     """Mean, bootstrap 95% CI and counts of each metric over per-record score dicts (fractions)."""
     out: dict[str, Any] = {"n_records": len(per_record), "n_empty": int(sum(r.get("empty", 0) for r in per_record))}
     out["n_missing"] = int(sum(r.get("missing", 0) for r in per_record))
+    out["n_think_stripped"] = int(sum(r.get("think_stripped", 0) for r in per_record))
     for metric in METRICS:
         values = np.array([r[metric] for r in per_record], dtype=np.float64)
         lo, hi = bootstrap_ci(values, n_resamples, seed)

@@ -96,12 +96,13 @@ def render_report(scores: dict[str, Any]) -> str:
         "missing generations score 0 and are counted. "
         f"Brackets: seeded (seed {meta.get('seed', 0)}) percentile bootstrap 95% interval of the mean.",
         "",
-        "| task | n | empty | missing | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |",
-        "|---|---|---|---|" + "---|" * len(METRICS),
+        "| task | n | empty | missing | think stripped | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |",
+        "|---|---|---|---|---|" + "---|" * len(METRICS),
     ]
     for name, s in [("all", scores["overall"]), *scores["by_task"].items()]:
         cells = [f"{_fmt(s[m]['mean'])} [{_fmt(s[m]['ci_low'])}, {_fmt(s[m]['ci_high'])}]" for m in METRICS]
-        lines.append(f"| {name} | {s['n_records']} | {s['n_empty']} | {s['n_missing']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {s['n_records']} | {s['n_empty']} | {s['n_missing']} | "
+                     f"{s.get('n_think_stripped', 0)} | " + " | ".join(cells) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -50,9 +50,10 @@ def split_records(
 ) -> list[PersonaRecord]:
     """Records of `split` ("test" or "eval"), or of `files` when given, restricted to `tasks`.
 
-    The synthetic task's test split is generated on the fly (same users, unseen requests); a file-based
-    run has no test files in its config, so `files` must name them. `require_response=False` also reads a
-    prediction-only split (LaMP's test questions): its records have the response "".
+    The synthetic task's test split is generated on the fly (persona: same users, unseen requests;
+    persona_natural: unseen users); a file-based run has no test files in its config, so `files` must name
+    them. `require_response=False` also reads a prediction-only split (LaMP's test questions): its records
+    have the response "".
     """
     source = getattr(cfg.data, "source", "files")
     if files:
@@ -60,8 +61,7 @@ def split_records(
     elif source != "files" and not cfg.data.synthetic.enabled:
         records = _task_split_records(cfg, split, require_response)
     elif cfg.data.synthetic.enabled:
-        syn = cfg.data.synthetic
-        records = synthetic.generate_records(syn.users, syn.eval_per_user, syn.seed, split)
+        records = synthetic.split_records(cfg.data.synthetic, split)
     elif split == "eval":
         if not cfg.data.eval_files:
             raise EvalInputError("the run's config has no data.eval_files: pass --data FILE ... or --split test")

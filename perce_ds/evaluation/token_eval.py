@@ -1,0 +1,198 @@
+"""Teacher-forced, per-token scores of a model on a split with ground-truth persona spans, and their comparison.
+
+For every response token (end-of-turn id included) of every record: log P under the conditioned
+prompt, log P under the persona-ablated prompt (PIR is their difference) and whether the conditioned
+argmax is the token. Tokens are classed by the record's spans: "copy" / "infer" (persona_span_kinds),
+"persona" (a span without a kind) or "other". Per class: NLL (summed over tokens / tokens) and argmax
+accuracy. PIR as a persona-token detector: F1 of "PIR > 0" and at the best threshold, each with the F1
+of a random marking at the same positive rate (perce_ds.insight). The share of tokens with PIR > clip_min
+says how much PerCE's weights differ from CE's.
+
+Runs are compared on the same records (so the same tokens): per class, the difference in NLL and
+accuracy against the baseline with a paired bootstrap 95% interval over records (token sums resampled
+by record, so the interval is of the pooled per-token difference).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perce_ds.data.collate import collate
+from perce_ds.data.prompts import TokenizedExample, response_token_ids
+from perce_ds.data.records import PersonaRecord
+from perce_ds.insight import best_threshold, marking_scores
+from perce_ds.model import position_ids_from_mask
+
+OTHER = "other"
+PERSONA_CLASSES = ("persona", "copy", "infer")  # "persona": every ground-truth persona token, whatever its kind
+
+
+@dataclass
+class RecordTokens:
+    record_id: str
+    kinds: list[str]  # per response token: "copy", "infer", "persona" or "other"
+    logp: list[float]  # log P(token | profile, query, prefix)
+    logp_ablated: list[float]  # log P(token | query, prefix)
+    correct: list[bool]  # conditioned argmax == token
+
+
+def token_kinds(tokenizer: Any, record: PersonaRecord, example: TokenizedExample) -> list[str]:
+    """The class of each response token of `example`, from the record's spans and their kinds."""
+    n = len(example.response_ids)
+    kinds = [OTHER] * n
+    if not record.persona_spans:
+        return kinds
+    labels = record.persona_span_kinds or ["persona"] * len(record.persona_spans)
+    for label in sorted(set(labels), key=lambda k: k == "infer"):  # "infer" last: it wins a shared token
+        spans = [s for s, k in zip(record.persona_spans, labels) if k == label]
+        _, mask = response_token_ids(tokenizer, record.response, spans)
+        for i, hit in enumerate(mask[:n]):
+            if hit:
+                kinds[i] = label
+    return kinds
+
+
+@torch.no_grad()
+def score_tokens(
+    lm: Any,
+    tokenizer: Any,
+    records: list[PersonaRecord],
+    examples: list[TokenizedExample],
+    batch_size: int = 8,
+) -> list[RecordTokens]:
+    """RecordTokens for each (record, example) pair, with a plain (unsharded) model in eval mode."""
+    lm.eval()
+    device = next(lm.parameters()).device
+    out: list[RecordTokens] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate(chunk, tokenizer.pad_token_id).to(device)
+        n_resp = batch.response_ids.shape[1]
+        per_pass = []
+        for inputs in (batch.conditioned, batch.ablated):
+            logits = (
+                lm(
+                    input_ids=inputs.input_ids,
+                    attention_mask=inputs.attention_mask,
+                    position_ids=position_ids_from_mask(inputs.attention_mask),
+                    logits_to_keep=n_resp + 1,
+                    use_cache=False,
+                )
+                .logits[:, :n_resp]
+                .float()
+            )
+            logp = torch.log_softmax(logits, -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+            per_pass.append((logp.double().cpu(), (logits.argmax(-1) == batch.response_ids).cpu()))
+        (cond, hits), (abl, _) = per_pass
+        for row, ex in enumerate(chunk):
+            n = len(ex.response_ids)
+            record = records[start + row]
+            out.append(
+                RecordTokens(
+                    ex.record_id, token_kinds(tokenizer, record, ex), cond[row, :n].tolist(),
+                    abl[row, :n].tolist(), hits[row, :n].tolist(),
+                )
+            )  # fmt: skip
+    return out
+
+
+def save(rows: list[RecordTokens], path: Path, meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "records": [asdict(r) for r in rows]}))
+
+
+def load(path: Path) -> list[RecordTokens]:
+    return [RecordTokens(**r) for r in json.loads(path.read_text())["records"]]
+
+
+def _class_mask(kinds: np.ndarray, cls: str) -> np.ndarray:
+    return kinds != OTHER if cls == "persona" else kinds == cls
+
+
+def per_record_sums(rows: list[RecordTokens], cls: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per record: summed NLL, summed correct argmaxes and token count of class `cls`."""
+    nll, hit, count = [], [], []
+    for r in rows:
+        m = _class_mask(np.asarray(r.kinds), cls)
+        nll.append(-np.asarray(r.logp)[m].sum())
+        hit.append(np.asarray(r.correct, dtype=np.float64)[m].sum())
+        count.append(float(m.sum()))
+    return np.asarray(nll), np.asarray(hit), np.asarray(count)
+
+
+def summarise(rows: list[RecordTokens], clip_min: float) -> dict[str, Any]:
+    """Per class NLL / accuracy / token count, PIR detector scores and the share of PIR > clip_min."""
+    out: dict[str, Any] = {"n_records": len(rows)}
+    for cls in (*PERSONA_CLASSES, OTHER):
+        nll, hit, count = per_record_sums(rows, cls)
+        n = count.sum()
+        out[cls] = {"nll": nll.sum() / n if n else None, "acc": hit.sum() / n if n else None, "tokens": int(n)}
+    pir = [np.asarray(r.logp) - np.asarray(r.logp_ablated) for r in rows]
+    truth = [[k != OTHER for k in r.kinds] for r in rows]
+    all_pir = np.concatenate(pir) if pir else np.zeros(0)
+    persona = np.concatenate([np.asarray(t, dtype=bool) for t in truth]) if truth else np.zeros(0, dtype=bool)
+    if persona.any():
+        at0, best = marking_scores(pir, truth, 0.0), best_threshold(pir, truth)
+        out["pir_detector"] = {"f1_at_0": at0["f1"], "random_f1_at_0": at0["random_f1"], "best_f1": best["f1"],
+                               "best_threshold": best["threshold"], "random_f1_at_best": best["random_f1"]}  # fmt: skip
+    out["pir_mean"] = {
+        "persona": float(all_pir[persona].mean()) if persona.any() else None,
+        "other": float(all_pir[~persona].mean()) if (~persona).any() else None,
+    }
+    above = all_pir > clip_min
+    out["share_pir_above_clip_min"] = {
+        "all": float(above.mean()) if above.size else None,
+        "persona": float(above[persona].mean()) if persona.any() else None,
+        "other": float(above[~persona].mean()) if (~persona).any() else None,
+        "clip_min": clip_min,
+    }
+    return out
+
+
+def paired_difference(
+    base: list[RecordTokens], other: list[RecordTokens], cls: str, n_resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """other - base in pooled NLL and accuracy on class `cls`, with paired bootstrap 95% intervals over records.
+
+    Both runs must hold the same records with the same tokens (same split, same tokenizer).
+    """
+    by_id = {r.record_id: r for r in other}
+    missing = [r.record_id for r in base if r.record_id not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} records of the baseline have no scores in the other run, e.g. {missing[:3]}")
+    paired = [by_id[r.record_id] for r in base]
+    for a, b in zip(base, paired):
+        if a.kinds != b.kinds:
+            raise ValueError(f"record {a.record_id}: the runs scored different tokens (another tokenizer or split?)")
+    nll_a, hit_a, count = per_record_sums(base, cls)
+    nll_b, hit_b, _ = per_record_sums(paired, cls)
+    if count.sum() == 0:
+        return {"tokens": 0}
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"tokens": int(count.sum())}
+    for name, a, b in (("nll", nll_a, nll_b), ("acc", hit_a, hit_b)):
+        d = b - a
+        idx = rng.integers(0, d.size, (n_resamples, d.size))
+        boot = d[idx].sum(1) / np.maximum(count[idx].sum(1), 1.0)
+        diff = d.sum() / count.sum()
+        lo, hi = np.quantile(boot, [0.025, 0.975])
+        rel = float(diff / (a.sum() / count.sum())) if a.sum() else None
+        out[name] = {"diff": float(diff), "ci_low": float(lo), "ci_high": float(hi), "rel": rel}
+    return out
+
+
+def paired_mean_difference(a: list[float], b: list[float], n_resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """mean(b - a) over paired per-record scores with a paired bootstrap 95% interval."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    if d.size == 0:
+        return {"diff": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, d.size, (n_resamples, d.size))].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"diff": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi)}

@@ -1,0 +1,107 @@
+"""Token-level evaluation: token classes from spans, scores equal to the training pass, paired intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from perce_ds.data.prompts import PromptSettings, tokenize_record
+from perce_ds.data.synthetic_natural import generate_records
+from perce_ds.evaluation import token_eval
+from perce_ds.evaluation.token_eval import RecordTokens
+from perce_ds.insight import token_pir
+from tests.test_chat_templates import SYSTEM, family_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = family_tokenizer("qwen3", tmp_path_factory.mktemp("tok"))
+    records = generate_records(4, 3, 1, 0, "eval")
+    settings = PromptSettings(SYSTEM, 1024, 512, chat_template_kwargs={"enable_thinking": False})
+    return tok, records, [tokenize_record(r, tok, settings, "t") for r in records]
+
+
+def test_token_kinds_follow_the_spans(setup):
+    tok, records, examples = setup
+    for record, ex in zip(records, examples):
+        kinds = token_eval.token_kinds(tok, record, ex)
+        assert len(kinds) == len(ex.response_ids) and kinds[-1] == "other"  # the end-of-turn token
+        assert [k != "other" for k in kinds] == ex.persona_token_mask  # the classes split the training mask
+        offsets = tok(record.response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        for (start, end), kind in zip(offsets, kinds):
+            covering = [
+                k for (a, b), k in zip(record.persona_spans, record.persona_span_kinds) if a < end and start < b
+            ]
+            assert kind == ("other" if not covering else "infer" if "infer" in covering else covering[0])
+
+
+def test_scores_match_the_training_pass(setup):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok, records, examples = setup
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024))  # fmt: skip
+    rows = token_eval.score_tokens(lm, tok, records, examples, batch_size=2)  # 2 batches, padded differently
+    pir = token_pir(lm, examples, tok.pad_token_id)  # PerceLM, as training computes it
+    for row, ex, p in zip(rows, examples, pir):
+        assert np.allclose(np.asarray(row.logp) - np.asarray(row.logp_ablated), p, atol=1e-4)
+        with torch.no_grad():
+            ids = torch.tensor([ex.cond_prompt_ids + ex.response_ids])
+            logits = lm(input_ids=ids).logits[0, len(ex.cond_prompt_ids) - 1 : -1]
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ex.response_ids)[:, None])[:, 0]
+        assert np.allclose(row.logp, ref.numpy(), atol=1e-4)
+        assert row.correct == (logits.argmax(-1) == torch.tensor(ex.response_ids)).tolist()
+
+
+def _rows(nll_by_record: list[list[float]], kinds: list[list[str]]) -> list[RecordTokens]:
+    return [RecordTokens(f"r{i}", k, [-x for x in n], [0.0] * len(n), [x < 1 for x in n])
+            for i, (n, k) in enumerate(zip(nll_by_record, kinds))]  # fmt: skip
+
+
+def test_paired_difference_is_the_pooled_token_difference():
+    kinds = [["copy", "other", "infer"], ["other", "other", "copy", "other"], ["infer", "other"]]
+    base_nll = [[2.0, 1.0, 3.0], [0.5, 0.5, 1.0, 2.0], [4.0, 1.0]]
+    base = _rows(base_nll, kinds)
+    shifted = _rows([[x - 0.5 if k != "other" else x for x, k in zip(n, ks)] for n, ks in zip(base_nll, kinds)], kinds)
+    d = token_eval.paired_difference(base, shifted, "persona")
+    assert d["tokens"] == 4 and d["nll"]["diff"] == pytest.approx(-0.5)
+    assert d["nll"]["ci_low"] == pytest.approx(-0.5) and d["nll"]["ci_high"] == pytest.approx(-0.5)  # constant shift
+    assert token_eval.paired_difference(base, shifted, "other")["nll"]["diff"] == 0.0
+    s = token_eval.summarise(base, clip_min=0.8)
+    assert s["infer"]["nll"] == pytest.approx(3.5) and s["copy"]["nll"] == pytest.approx(1.5)
+    assert s["persona"]["tokens"] == 4 and s["other"]["nll"] == pytest.approx(5.0 / 5)
+    with pytest.raises(ValueError, match="different tokens"):
+        token_eval.paired_difference(base, _rows(base_nll, [kinds[0], kinds[2], kinds[1]]), "persona")
+
+
+def test_compare_token_table_of_two_runs(tmp_path):
+    import importlib.util
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.launch_utils import ROOT, make_eval_run
+
+    spec = importlib.util.spec_from_file_location("compare_cli", ROOT / "launch" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    a, b = make_eval_run(tmp_path / "a"), make_eval_run(tmp_path / "b")
+    shutil.copytree(a / "hf", a / "hf_init")  # a from-scratch run's starting model: step 0 == run a here
+    lm = AutoModelForCausalLM.from_pretrained(str(b / "hf"))
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lm.save_pretrained(str(b / "hf"))
+    md = compare.token_compare([a, b], "", tmp_path / "out")
+    result = json.loads((tmp_path / "out" / "tokens.json").read_text())
+    s, d = result["summaries"], result["differences"]["b"]
+    assert s["step0"] == s["a"]  # the same weights scored twice give the same numbers
+    for cls in ("persona", "other"):
+        assert d[cls]["nll"]["diff"] == pytest.approx(s["b"][cls]["nll"] - s["a"][cls]["nll"], abs=1e-9)
+        assert d[cls]["nll"]["ci_low"] <= d[cls]["nll"]["diff"] <= d[cls]["nll"]["ci_high"]
+    assert "NLL, persona tokens" in md and "PIR detector F1" in md and "copy tokens" not in md  # no kinds here
+    with pytest.raises(SystemExit, match="other data"):
+        compare.token_compare([a, make_eval_run(tmp_path / "c", seed=1)], "", tmp_path / "out2")
