@@ -66,7 +66,7 @@ def test_trains_under_zero3_on_two_ranks_and_its_export_generates(smollm2_dir, t
     overrides = [f"--model.name_or_path={smollm2_dir}", f"--train.output_dir={tmp_path}", "--train.run_name=smol",
                  "--train.max_steps=2", "--data.synthetic.users=4", "--data.synthetic.train_per_user=1",
                  "--data.synthetic.eval_users=2", "--data.synthetic.eval_per_user=1",
-                 "--train.eval_max_new_tokens=8"]  # the recipe's final generation eval, on 2 unseen users  # fmt: skip
+                 "--train.final_generation_eval=true", "--train.eval_max_new_tokens=8"]  # the recipe's final generation eval, on 2 unseen users  # fmt: skip
     recipe = write_recipe(tmp_path / "r.yaml", RunConfig.load(RECIPE).to_dict())
     check(run_deepspeed(TRAIN, ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json"), "--recipe", str(recipe),
                                 *overrides], nproc=2, timeout=1200))  # fmt: skip
