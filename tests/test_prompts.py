@@ -571,3 +571,18 @@ def test_profiles_cut_to_nothing_are_counted_apart_from_empty_ones_and_warned(tm
         kept, report = tokenize_split([str(path)], sp_tokenizer, roomy)
     assert report.profiles_cut_to_nothing == 0 and "lost their whole profile" not in caplog.text
     require_profiles(kept, report, "perce")  # some record keeps a profile: accepted
+
+
+def test_no_usable_training_record_is_a_user_error(tmp_path, sp_tokenizer):
+    """Every record read but skipped when tokenised (too long): one user error (printed as one line by the entry
+    points), not a bare ValueError."""
+    from perce_ds.data.pipeline import prepare_data
+    from perce_ds.errors import UserError
+
+    base = generate_records(1, 2, seed=0)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(_long_record(r, f"long-{i}")) + "\n" for i, r in enumerate(base)))
+    cfg = _cfg(path, "data.on_bad_record=skip", f"model.tokenizer={sp_tokenizer.name_or_path}",
+               f"train.output_dir={tmp_path}")  # fmt: skip
+    with pytest.raises(UserError, match=r"no usable training records in .*train\.jsonl"):
+        prepare_data(cfg, True, lambda: None)

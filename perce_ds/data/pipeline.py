@@ -24,6 +24,7 @@ from perce_ds.data.prompts import PROFILE_CONNECTOR, PROFILE_HEADER, PromptSetti
 from perce_ds.data.records import PersonaRecord, RecordError
 from perce_ds.data.sources import LoadReport, load_many
 from perce_ds.data.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
+from perce_ds.errors import DataSourceError
 
 log = logging.getLogger("perce_ds")
 
@@ -224,7 +225,10 @@ def prepare_data(cfg: RunConfig, is_rank0: bool, barrier: Callable[[], None]) ->
         (train, train_report), (eval_examples, eval_report) = build_task_splits(cfg, tokenizer, is_rank0, barrier)
         where = train_report.files
     if not train:
-        raise ValueError(f"no usable training records in {where}")
+        raise DataSourceError(
+            f"no usable training records in {where}: the split is empty or every record was skipped "
+            "(data.on_bad_record=skip: the log names each skipped record and why)"
+        )
     log.info("data: train %s (%d examples), eval %s (%d examples)", ", ".join(train_report.files), len(train),
              ", ".join(eval_report.files) or "none", len(eval_examples))  # fmt: skip
     return PreparedData(tokenizer, train, eval_examples, {"train": train_report, "eval": eval_report})
