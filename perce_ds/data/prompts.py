@@ -11,6 +11,7 @@ whose budget is shared per item, unused tokens rolling over to later items, an i
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,19 @@ def end_of_turn_id(tokenizer: Any, template_kwargs: dict[str, Any] | None = None
     tokenizers may say <|end_of_text|>). perce_ds's own fallback template (tokenizers that have none, models
     built from scratch) ends responses with EOS, as it always did.
     """
+    # Rendering and tokenising a probe conversation costs milliseconds; tokenize_record asks once per record.
+    # Cached per live tokenizer object (weakly: a freed tokenizer's entry goes with it) and template.
+    per_tokenizer = _END_OF_TURN.setdefault(tokenizer, {})
+    key = (tokenizer.chat_template, repr(sorted((template_kwargs or {}).items())))
+    if key not in per_tokenizer:
+        per_tokenizer[key] = _probe_end_of_turn_id(tokenizer, template_kwargs)
+    return per_tokenizer[key]
+
+
+_END_OF_TURN: weakref.WeakKeyDictionary[Any, dict[tuple[Any, str], int]] = weakref.WeakKeyDictionary()
+
+
+def _probe_end_of_turn_id(tokenizer: Any, template_kwargs: dict[str, Any] | None) -> int:
     from perce_ds.data.tokenizer import FALLBACK_CHAT_TEMPLATE
 
     if tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE:
