@@ -57,8 +57,8 @@ def step(lm: PerceLM, inputs: dict[str, Any], pause: Any) -> float:
     with pause(lm), torch.no_grad():  # the ablated pass
         lm.pass_logprobs(inputs["input_ids"], inputs["attention_mask"], None, None, inputs["response_ids"],
                          inputs["response_mask"])  # fmt: skip
-    logp, _ = lm.pass_logprobs(inputs["input_ids"], inputs["attention_mask"], None, None, inputs["response_ids"],
-                               inputs["response_mask"])  # fmt: skip
+    logp = lm.pass_logprobs(inputs["input_ids"], inputs["attention_mask"], None, None, inputs["response_ids"],
+                            inputs["response_mask"])[0]  # fmt: skip
     logp.sum().backward()
     return time.perf_counter() - t0
 

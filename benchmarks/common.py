@@ -136,11 +136,11 @@ def free_port() -> int:
 
 
 def worker_env(nproc: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for benchmark workers: the repo on PYTHONPATH, unbuffered, CPU threads split over ranks."""
+    """Environment for benchmark workers: unbuffered, CPU threads split over ranks (they run as `python -m`
+    from the repository root, which puts the root on their import path)."""
     import torch
 
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -150,9 +150,10 @@ def worker_env(nproc: int, extra: dict[str, str] | None = None) -> dict[str, str
 
 
 def launch(
-    script: Path, args: list[str], nproc: int, timeout: float, env_extra: dict[str, str] | None = None
+    module: str, args: list[str], nproc: int, timeout: float, env_extra: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `script args` as a distributed job of `nproc` ranks and fail loudly with its output.
+    """Run `python -m module args` (from the repository root) as a distributed job of `nproc` ranks and fail
+    loudly with its output.
 
     One rank runs directly with RANK/WORLD_SIZE/MASTER_* set (no launcher start-up cost); more go through
     `deepspeed --num_gpus N`, exactly as a user launches training.
@@ -161,11 +162,11 @@ def launch(
     if nproc == 1:
         extra = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        cmd = [sys.executable, str(script), *args]
+        cmd = [sys.executable, "-m", module, *args]
         env = worker_env(1, {**extra, **(env_extra or {})})
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(port), str(script), *args]  # fmt: skip
+               "--master_port", str(port), "--module", module, *args]  # fmt: skip
         env = worker_env(nproc, env_extra)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -11,12 +11,12 @@
 # unpacks them into .gpu_site/ and puts that on PYTHONPATH when `import deepspeed` fails there.
 #
 # What it runs (all bf16, DeepSpeed ZeRO-3 on ONE GPU, activation checkpointing on):
-#   1. benchmarks/step_cost.py --preset gpu1b: a randomly initialised ~1.1B-parameter Qwen3-like model
+#   1. benchmarks.step_cost --preset gpu1b: a randomly initialised ~1.1B-parameter Qwen3-like model
 #      (hidden 2048, 16 layers, vocab 151,936, built from a config), LongLaMP-shaped batches (8 x ~1,900
 #      tokens), CE vs online PerCE (vs offline-weights PerCE when perce_ds has it), interleaved in one job;
 #      tokens/s, model FLOPs utilisation (dense bf16 peak of the device), step ratio vs the analytic floor,
 #      the attention kernel that really ran (profiled operator names), peak memory per scheme.
-#   2. benchmarks/logprob_memory.py --full: chunked vs naive log-probs at 4,096 tokens, hidden 2,560,
+#   2. benchmarks.logprob_memory --full: chunked vs naive log-probs at 4,096 tokens, hidden 2,560,
 #      vocab 151,936 and 128,256, in bf16 (memory, time) and fp32 (equality to 1e-5).
 #   3. pytest -m gpu (tests/test_gpu.py): bf16 ZeRO-3 PerCE steps through launch/train.py, PIR from bf16
 #      inputs within 1e-3 of an exact reference (fp32 logits via torch.mm out_dtype), packing refused
@@ -120,15 +120,15 @@ if torch.cuda.is_available():
 EOF
 
 echo "== 1/4 step cost (CE vs PerCE, ZeRO-3, bf16) =="
-timeout "$STEP_LIMIT" "$PY" benchmarks/step_cost.py "${STEP_ARGS[@]}" --json "$OUT/step_cost.json" \
+timeout "$STEP_LIMIT" "$PY" -m benchmarks.step_cost "${STEP_ARGS[@]}" --json "$OUT/step_cost.json" \
     2> "$OUT/step_cost.stderr" | tee "$OUT/step_cost.txt"
 
 echo "== 2/4 log-prob memory, bf16 =="
-timeout "$LOGPROB_LIMIT" "$PY" benchmarks/logprob_memory.py "${LOGPROB_BF16[@]}" \
+timeout "$LOGPROB_LIMIT" "$PY" -m benchmarks.logprob_memory "${LOGPROB_BF16[@]}" \
     --json "$OUT/logprob_bf16.json" 2> "$OUT/logprob_bf16.stderr" | tee "$OUT/logprob_bf16.txt"
 
 echo "== 3/4 log-prob equality, fp32 =="
-timeout "$LOGPROB_LIMIT" "$PY" benchmarks/logprob_memory.py "${LOGPROB_FP32[@]}" \
+timeout "$LOGPROB_LIMIT" "$PY" -m benchmarks.logprob_memory "${LOGPROB_FP32[@]}" \
     --json "$OUT/logprob_fp32.json" 2> "$OUT/logprob_fp32.stderr" | tee "$OUT/logprob_fp32.txt"
 
 echo "== 4/4 GPU tests (pytest -m gpu; on a CPU they skip with their reason) =="

@@ -1,6 +1,6 @@
 """Peak memory and time of per-token log-probs: chunked (perce_ds) vs the naive Hugging Face way.
 
-    python benchmarks/logprob_memory.py [--smoke | --full] [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json]
+    python -m benchmarks.logprob_memory [--smoke | --full] [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json]
 
 Both paths compute log P(target_i) = log_softmax(hidden_i @ W^T)[target_i] for N token positions, then a
 PerCE-style loss -sum_i w_i * logp_i (w_i in [0.8, 5]) and its backward into `hidden` [N, H] and the output
@@ -42,10 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
+    ROOT,
     format_table,
     machine_info,
     peak_rss_bytes,
@@ -55,7 +53,6 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
-SCRIPT = Path(__file__).resolve()
 VOCABS = (151936, 128256)  # Qwen3, Llama 3
 FULL_TOKENS = 4096
 TOLERANCE = 1e-5
@@ -143,7 +140,7 @@ def launch_worker(args: argparse.Namespace, method: str, vocab: int, chunk: int,
     import subprocess
 
     out, save = workdir / f"{method}-{vocab}-{chunk}.json", workdir / f"{method}-{vocab}-{chunk}.pt"
-    cmd = [sys.executable, str(SCRIPT), "--worker", "--method", method, "--vocab", str(vocab),
+    cmd = [sys.executable, "-m", "benchmarks.logprob_memory", "--worker", "--method", method, "--vocab", str(vocab),
            "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--chunk", str(chunk),
            "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats), "--out", str(out)]  # fmt: skip
     if args.dtype == "fp32":

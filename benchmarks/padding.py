@@ -1,6 +1,6 @@
 """Padding fraction of padded vs packed (data.packing) micro-batches on LongLaMP-shaped data.
 
-    python benchmarks/padding.py [--json PATH] [--micro-batch-sizes 2 4 8]
+    python -m benchmarks.padding [--json PATH] [--micro-batch-sizes 2 4 8]
 
 Tokenises the LongLaMP fixture copies in tests/fixtures/longlamp (the hub layout, with the recipes'
 retrieval and budgets) with a sentencepiece tokenizer trained on their text, forms micro-batches in
@@ -17,14 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from perce_ds.config import RunConfig  # noqa: E402
-from perce_ds.data.collate import collate  # noqa: E402
-from perce_ds.data.order import DataOrder  # noqa: E402
-from perce_ds.data.pipeline import prepare_data  # noqa: E402
-from perce_ds.data.tokenizer import train_sentencepiece_tokenizer  # noqa: E402
+from benchmarks.common import ROOT
+from perce_ds.config import RunConfig
+from perce_ds.data.collate import collate
+from perce_ds.data.order import DataOrder
+from perce_ds.data.pipeline import prepare_data
+from perce_ds.data.tokenizer import train_sentencepiece_tokenizer
 
 FIXTURES = ROOT / "tests" / "fixtures" / "longlamp"
 TASKS = ("abstract_generation_user", "product_review_user", "topic_writing_user")

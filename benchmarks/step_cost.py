@@ -1,6 +1,6 @@
 """What does a PerCE step cost next to a CE step? Measured, and against the analytic floor.
 
-    python benchmarks/step_cost.py [--smoke | --preset cpu|gpu1b] [--nproc N] [--json out.json]
+    python -m benchmarks.step_cost [--smoke | --preset cpu|gpu1b] [--nproc N] [--json out.json]
 
 CE (`loss.scheme=ce`, `loss.track_pir=false`: no ablated pass), online PerCE (the paper: one extra no-grad
 forward of the persona-ablated sequence per micro-batch) and, when the config has `loss.weights_from`,
@@ -71,10 +71,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
+    ROOT,
     format_table,
     launch,
     machine_info,
@@ -84,11 +82,11 @@ from benchmarks.common import (  # noqa: E402
     rss_bytes,
     write_json,
 )
-from benchmarks.longlamp_shape import Shape, make_records, tokenizer_texts  # noqa: E402
-from perce_ds.profiling import PhaseTimer  # noqa: E402
-from perce_ds.profiling import timing as phase_timing  # noqa: E402
+from benchmarks.longlamp_shape import Shape, make_records, tokenizer_texts
+from perce_ds.profiling import PhaseTimer
+from perce_ds.profiling import timing as phase_timing
 
-SCRIPT = Path(__file__).resolve()
+MODULE = "benchmarks.step_cost"  # workers run as `python -m` from the repository root
 TIME_TARGET = 1.05  # online PerCE / CE <= 1.05 x the floor
 MEM_TARGET = 1.05  # peak memory PerCE / CE
 OFFLINE_TARGET = 1.03  # offline-weights PerCE within 3% of CE
@@ -605,7 +603,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         prepare(workdir, preset, schemes, args)
         timeout = args.timeout or preset.timeout_s
         t0 = time.perf_counter()
-        launch(SCRIPT, ["--worker", "time", "--spec", str(workdir / "spec.json"), "--out", str(workdir / "time.json")],
+        launch(MODULE, ["--worker", "time", "--spec", str(workdir / "spec.json"), "--out", str(workdir / "time.json")],
                args.nproc, timeout)  # fmt: skip
         timing = json.loads((workdir / "time.json").read_text())
         memory: dict[str, dict[str, Any]] = {}
@@ -613,7 +611,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             # Peak memory does not depend on speed, so the per-scheme processes run side by side.
             def measure(s: str) -> dict[str, Any]:
                 out = workdir / f"mem-{s}.json"
-                launch(SCRIPT, ["--worker", "mem", "--spec", str(workdir / "spec.json"), "--scheme", s, "--out",
+                launch(MODULE, ["--worker", "mem", "--spec", str(workdir / "spec.json"), "--scheme", s, "--out",
                                 str(out)], args.nproc, timeout, {"MALLOC_MMAP_THRESHOLD_": "65536"})  # fmt: skip
                 return json.loads(out.read_text())
 

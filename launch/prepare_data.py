@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from perce_ds.cli import exit_code_of, parse_overrides
 
-from perce_ds.cli import exit_code_of, parse_overrides  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PERCENTILES = (50, 90, 99, 100)
 

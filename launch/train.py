@@ -17,10 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from perce_ds.cli import exit_code_of, parse_overrides, print_summary
 
-from perce_ds.cli import exit_code_of, parse_overrides, print_summary  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from perce_ds.config import RunConfig
+
 log = logging.getLogger("perce_ds")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "perce_state.json"  # our state beside DeepSpeed's files; written last, so it marks a complete checkpoint
@@ -53,6 +55,21 @@ def find_resume_checkpoint(ckpt_root: Path, resume: str) -> Path | None:
         raise FileNotFoundError(
             f"train.resume={resume}: not a complete perce_ds checkpoint (no {STATE_FILE}); "
             "point at a checkpoints/step_N directory or use auto"
+        )
+    return path
+
+
+def resume_point(ckpt_root: Path, resume: str, world: int) -> Path | None:
+    """find_resume_checkpoint, refusing one written by another world size unless it is universal."""
+    path = find_resume_checkpoint(ckpt_root, resume)
+    if path is None:
+        return None
+    state = read_state(path)
+    if state.get("world_size", world) != world and not state.get("universal"):
+        raise RuntimeError(
+            f"{path} was written by {state['world_size']} ranks and this run has {world}. Convert it once "
+            f"with `python launch/convert_checkpoint.py {path}` and resume from the universal copy "
+            "(--train.resume <run>/checkpoints_universal/step_N)"
         )
     return path
 
@@ -169,3 +186,14 @@ def export_hf(lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, c
         (out_dir / "README.md").write_text(card)
     if dist.is_initialized():
         dist.barrier()
+
+
+def model_card(cfg: RunConfig, total_steps: int, world: int) -> str:
+    """README.md of an exported model: how it was trained and the whole run config."""
+    import yaml
+
+    return (
+        f"# {cfg.train.run_name}\n\nFine-tuned with perce_ds (PerCE, loss scheme `{cfg.loss.scheme}`, "
+        f"clip [{cfg.loss.clip_min}, {cfg.loss.clip_max}]) for {total_steps} steps on "
+        f"{world} rank(s).\n\n## Training config\n\n```yaml\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```\n"
+    )

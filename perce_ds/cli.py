@@ -8,6 +8,7 @@ from typing import Any
 
 from perce_ds.config import ConfigError
 from perce_ds.errors import UserError
+from perce_ds.logging_utils import log_to_files_only
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -19,8 +20,6 @@ def exit_code_of(main: Callable[[], int]) -> int:
     try:
         return main()
     except UserError as e:
-        from perce_ds.logging_utils import log_to_files_only
-
         log_to_files_only(f"stopped by a user error: {e}", e)
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE

@@ -17,6 +17,7 @@ import yaml
 
 from perce_ds.errors import UserError
 from perce_ds.evaluation.metrics import PRESETS
+from perce_ds.logging_utils import REPORTERS
 from perce_ds.loss import REGISTRY
 
 
@@ -263,8 +264,6 @@ class RunConfig:
 
     def _resolve_report_to(self) -> None:
         """Fold the legacy train.tensorboard flag into train.report_to (the one place), then check the names."""
-        from perce_ds.logging_utils import REPORTERS
-
         t = self.train
         if t.tensorboard is not None:
             t.report_to = [r for r in t.report_to if r != "tensorboard"] + (["tensorboard"] if t.tensorboard else [])

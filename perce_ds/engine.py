@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,17 @@ import torch.distributed as dist
 from perce_ds import checkpoint, estep
 from perce_ds.config import RunConfig
 from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
-from perce_ds.data.order import DataOrder, shard_batches
-from perce_ds.data.pipeline import PreparedData, prepare_data, require_profiles
+from perce_ds.data.order import DataOrder
+from perce_ds.data.pipeline import PreparedData, data_files, prepare_data, require_profiles
+from perce_ds.data.sources import load_many
 from perce_ds.distributed import all_reduce_sum, any_rank, init_process_group, skip_micro_step
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
+from perce_ds.evaluation.demo import demo_evaluation
+from perce_ds.evaluation.teacher_forced import pir_metrics, pir_sums, teacher_forced
 from perce_ds.logging_utils import metrics_logger, setup_logging
 from perce_ds.loss import TokenStats, get_scheme, token_weights, weighted_nll_sum
+from perce_ds.lr_schedule import lr_lambda
 from perce_ds.model import (
     PerceLM,
     build_causal_lm,
@@ -41,33 +44,13 @@ from perce_ds.model import (
 )
 from perce_ds.preemption import StopRequest
 from perce_ds.profiling import phase
-from perce_ds.step_stats import StepStats
+from perce_ds.step_stats import CEWatch, StepStats
 
 log = logging.getLogger("perce_ds")
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss."""
-
-
-def lr_lambda(cfg: RunConfig, total_steps: int):
-    """Warm-up then cosine/linear/constant, as a multiplier of train.lr."""
-    t = cfg.train
-    warmup = int(round(t.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if t.lr_scheduler == "constant":
-            decay = 1.0
-        elif t.lr_scheduler == "linear":
-            decay = 1.0 - progress
-        else:
-            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
-
-    return factor
 
 
 @dataclass
@@ -126,7 +109,7 @@ class Trainer:
         self.start_step = 0
         self.nonfinite_in_a_row = 0
         self.refused_steps = 0
-        self.steps_without_personal = 0  # consecutive steps with no PIR above clip_min (CE's update)
+        self.ce_watch = CEWatch(cfg.loss.warn_no_personal_steps, cfg.loss.clip_min)
         if not inference_only:
             self._write_run_files()
             self._maybe_resume()
@@ -139,7 +122,9 @@ class Trainer:
 
         hidden = self._hidden_size(AutoConfig)
         self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), self.cfg, self.world, hidden, self.dtype)
-        self.resume_from = None if self.inference_only else self._resume_checkpoint()
+        self.resume_from = (
+            None if self.inference_only else checkpoint.resume_point(self.ckpt_root, self.cfg.train.resume, self.world)
+        )
         if self.resume_from is not None and checkpoint.read_state(self.resume_from).get("universal"):
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         # Must stay referenced for the whole run: transformers consults it for zero.Init at build
@@ -179,20 +164,6 @@ class Trainer:
             len(self.data.train), len(self.data.eval), self.order.global_batch, self.total_steps,
             self.order.steps_per_epoch, self.order.dropped_per_epoch,
         )  # fmt: skip
-
-    def _resume_checkpoint(self) -> Path | None:
-        """The checkpoint to resume from; one written by another world size must be universal."""
-        path = checkpoint.find_resume_checkpoint(self.ckpt_root, self.cfg.train.resume)
-        if path is None:
-            return None
-        state = checkpoint.read_state(path)
-        if state.get("world_size", self.world) != self.world and not state.get("universal"):
-            raise RuntimeError(
-                f"{path} was written by {state['world_size']} ranks and this run has {self.world}. Convert it once "
-                f"with `python launch/convert_checkpoint.py {path}` and resume from the universal copy "
-                "(--train.resume <run>/checkpoints_universal/step_N)"
-            )
-        return path
 
     def _maybe_resume(self) -> None:
         path = self.resume_from
@@ -335,42 +306,18 @@ class Trainer:
         return StepResult(step, {"refused": 1.0}, applied=False)
 
     # ---------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float | None]:
-        """Teacher-forced CE with and without the profile, and PIR on persona vs other tokens.
-
-        Each rank scores a strided shard of the eval split; shards are padded to the same number of
-        micro-batches (padding rows are scored but not counted) so every rank runs the same passes.
-        """
-        examples = self.data.eval
-        if not examples:
+        """Teacher-forced CE with and without the profile, and PIR on persona vs other tokens (all ranks)."""
+        if not self.data.eval:
             return {}
         self.engine.eval()
-        sums = torch.zeros(6, dtype=torch.float64)
         try:
             with self.module.activation_checkpointing_paused():
-                for idx, keep in shard_batches(len(examples), self.rank, self.world, self.cfg.train.micro_batch_size):
-                    batch = collate([examples[i] for i in idx], self.tokenizer.pad_token_id, scored=keep)
-                    batch = batch.to(self.device)
-                    out = self._forward(batch.conditioned, batch, ablated=batch.ablated)
-                    cond, abl = out["logp"].double().cpu(), out["logp_ablated"].double().cpu()
-                    persona = batch.persona_mask[batch.response_mask].cpu()
-                    pir = cond - abl
-                    sums += torch.tensor([
-                        -cond.sum(), -abl.sum(), float(cond.numel()),
-                        pir[persona].sum(), float(persona.sum()), pir[~persona].sum(),
-                    ], dtype=torch.float64)  # fmt: skip
+                scored = teacher_forced(self.engine, self.data.eval, self.tokenizer.pad_token_id,
+                                        self.cfg.train.micro_batch_size, self.device, self.rank, self.world)  # fmt: skip
         finally:
             self.engine.train()
-        sums = all_reduce_sum(sums, self.device).tolist()
-        n, n_persona = sums[2], sums[4]
-        return {
-            "eval_ce": sums[0] / n if n else None,
-            "eval_ce_ablated": sums[1] / n if n else None,
-            "eval_pir_mean": (sums[1] - sums[0]) / n if n else None,
-            "eval_pir_persona_tokens": sums[3] / n_persona if n_persona else None,
-            "eval_pir_other_tokens": sums[5] / (n - n_persona) if n > n_persona else None,
-        }
+        return pir_metrics(all_reduce_sum(pir_sums(scored, self.data.eval), self.device).tolist())
 
     # ---------------------------------------------------------------- the run
     def save(self, step: int) -> Path:
@@ -395,7 +342,11 @@ class Trainer:
         self.engine.train()
         if self.cfg.train.save_init_model and self.start_step == 0:
             checkpoint.export_hf(
-                self.module.lm, self.tokenizer, self.run_dir / "hf_init", self.is_rank0, self._model_card()
+                self.module.lm,
+                self.tokenizer,
+                self.run_dir / "hf_init",
+                self.is_rank0,
+                checkpoint.model_card(self.cfg, self.total_steps, self.world),
             )
         stop = StopRequest(self.cfg.train.max_wall_time)
         end = self.total_steps
@@ -413,7 +364,8 @@ class Trainer:
                 if result.applied:
                     last = result.metrics
                     self.metrics.log(step, result.metrics, every=self.cfg.train.log_every)
-                    self._watch_personal_ratio(step, result.metrics.get("personal_ratio"))
+                    if self.scheme.needs_ablated:
+                        self.ce_watch.update(step, result.metrics.get("personal_ratio"))
                     bar.set_postfix(loss=f"{last['loss']:.4f}" if last.get("loss") is not None else "n/a")
                 if self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0 and step < self.total_steps:
                     self._evaluate_and_log(step)  # the final one comes after the loop
@@ -434,26 +386,19 @@ class Trainer:
         if self.cfg.train.final_generation_eval and self.data.eval:
             evaluation |= self._generation_eval()
         if self.cfg.train.export_hf:
-            checkpoint.export_hf(self.module.lm, self.tokenizer, self.run_dir / "hf", self.is_rank0, self._model_card())
+            checkpoint.export_hf(
+                self.module.lm,
+                self.tokenizer,
+                self.run_dir / "hf",
+                self.is_rank0,
+                checkpoint.model_card(self.cfg, self.total_steps, self.world),
+            )
         summary = self._summary(last)
         summary["eval"] = evaluation
         if self.is_rank0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
         return summary
-
-    def _watch_personal_ratio(self, step: int, personal_ratio: float | None) -> None:
-        """Warn once when PerCE has been CE for loss.warn_no_personal_steps steps in a row."""
-        if personal_ratio is None or not self.scheme.needs_ablated:
-            return
-        self.steps_without_personal = self.steps_without_personal + 1 if personal_ratio == 0 else 0
-        if self.steps_without_personal == self.cfg.loss.warn_no_personal_steps:
-            log.warning(
-                "step %d: for %d steps in a row no response token had PIR above loss.clip_min=%g, so every weight "
-                "was clip_min and the update was plain CE's. The model does not (yet) read the profiles: check "
-                "data_report.json (profiles_cut_to_nothing), a pretrained model, or lower loss.clip_min",
-                step, self.steps_without_personal, self.cfg.loss.clip_min,
-            )  # fmt: skip
 
     def _evaluate_and_log(self, step: int) -> dict[str, Any]:
         evaluation = self.evaluate()
@@ -463,10 +408,6 @@ class Trainer:
 
     def _generation_eval(self) -> dict[str, Any]:
         """Generate for the eval split and score it (ROUGE/METEOR, persona-token accuracy, PIR F1)."""
-        from perce_ds.data.pipeline import data_files
-        from perce_ds.data.sources import load_many
-        from perce_ds.evaluation.demo import demo_evaluation
-
         records = load_many(data_files(self.cfg)[1])[0] if self.cfg.data.source == "files" else None
         result = demo_evaluation(
             self.engine, self.module, self.tokenizer, self.data.eval, records, self.run_dir,
@@ -488,12 +429,3 @@ class Trainer:
             "world_size": self.world,
             "attn_implementation": self.attn_implementation,
         }
-
-    def _model_card(self) -> str:
-        import yaml
-
-        return (
-            f"# {self.cfg.train.run_name}\n\nFine-tuned with perce_ds (PerCE, loss scheme `{self.cfg.loss.scheme}`, "
-            f"clip [{self.cfg.loss.clip_min}, {self.cfg.loss.clip_max}]) for {self.total_steps} steps on "
-            f"{self.world} rank(s).\n\n## Training config\n\n```yaml\n{yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)}```\n"
-        )

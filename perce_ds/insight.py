@@ -20,58 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from perce_ds.data.collate import collate
-from perce_ds.data.prompts import TokenizedExample
-from perce_ds.model import PerceLM
+from perce_ds.data.prompts import TokenizedExample, render_profile_item
+from perce_ds.data.tokenizer import load_tokenizer
+from perce_ds.evaluation import runs
+from perce_ds.evaluation.metrics import best_threshold, marking_scores
+from perce_ds.evaluation.report import plot_pir_histograms
+from perce_ds.evaluation.teacher_forced import teacher_forced
+from perce_ds.model import PerceLM, build_causal_lm
 
 
-@torch.no_grad()
 def token_pir(lm: Any, examples: list[TokenizedExample], pad_id: int, batch_size: int = 8) -> list[np.ndarray]:
     """PIR of every response token (EOS included) of each example, with a plain (unsharded) model."""
     module = PerceLM(lm).eval()
     device = next(lm.parameters()).device
-    out: list[np.ndarray] = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id).to(device)
-        logps = []
-        for inputs in (batch.conditioned, batch.ablated):
-            logps.append(
-                module(inputs.input_ids, inputs.attention_mask, batch.response_ids, batch.response_mask)["logp"]
-            )
-        out.extend(split_rows((logps[0] - logps[1]).double().cpu(), batch.response_mask.cpu()))
-    return out
-
-
-def split_rows(flat: torch.Tensor, response_mask: torch.Tensor) -> list[np.ndarray]:
-    """Cut PerceLM's flat per-token output back into one array per row."""
-    lengths = response_mask.sum(1).tolist()
-    return [t.numpy() for t in torch.split(flat, lengths)]
-
-
-def marking_scores(pir: list[np.ndarray], truth: list[list[bool]], threshold: float) -> dict[str, float]:
-    """Precision, recall, F1 of "PIR > threshold" against ground-truth persona tokens, plus the random baseline.
-
-    `random_f1` is the expected F1 of marking each token at random with the same positive rate q:
-    precision = base rate p, recall = q, so F1 = 2pq / (p + q).
-    """
-    x = np.concatenate([np.asarray(p, dtype=np.float64) for p in pir]) if pir else np.zeros(0)
-    y = np.concatenate([np.asarray(t, dtype=bool) for t in truth]) if truth else np.zeros(0, dtype=bool)
-    pred = x > threshold
-    tp, fp, fn = float((pred & y).sum()), float((pred & ~y).sum()), float((~pred & y).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    base, q = float(y.mean()) if y.size else 0.0, float(pred.mean()) if pred.size else 0.0
-    random_f1 = 2 * base * q / (base + q) if base + q else 0.0
-    return {"threshold": threshold, "precision": precision, "recall": recall, "f1": f1,
-            "positive_rate": q, "base_rate": base, "random_f1": random_f1, "n_tokens": int(y.size)}  # fmt: skip
-
-
-def best_threshold(pir: list[np.ndarray], truth: list[list[bool]], n_candidates: int = 101) -> dict[str, float]:
-    """marking_scores at the threshold (over PIR quantiles and 0) with the highest F1."""
-    x = np.concatenate(pir) if pir else np.zeros(1)
-    candidates = np.unique(np.concatenate([np.quantile(x, np.linspace(0, 1, n_candidates)), [0.0]]))
-    return max((marking_scores(pir, truth, float(t)) for t in candidates), key=lambda s: s["f1"])
+    return [s.pir for s in teacher_forced(module, examples, pad_id, batch_size, device)]
 
 
 def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -167,8 +129,6 @@ def initial_model(cfg: Any, tokenizer: Any, before: str | None) -> tuple[Any, st
     A from-scratch run (model.config) is rebuilt with train.seed outside ZeRO-3; its weights follow
     the same distribution as the run's start but are not guaranteed identical (pass --before to be exact).
     """
-    from perce_ds.model import build_causal_lm
-
     if before:
         from transformers import AutoModelForCausalLM
 
@@ -188,13 +148,8 @@ def run_insight(
     n_samples: int = 8, threshold: float = 0.0, limit: int = 0, with_before: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Compute per-token PIR for a run's split (after, and before, training); write <run>/insight/; return the summary."""
-    from perce_ds.evaluation import runs
-    from perce_ds.evaluation.report import plot_pir_histograms
-
     cfg = runs.load_run_config(run_dir)
     model_dir = runs.resolve_model_dir(run_dir, model)
-    from perce_ds.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(model_dir)
     records = runs.split_records(cfg, split)
     records = records[:limit] if limit else records
@@ -216,8 +171,6 @@ def run_insight(
     out.mkdir(parents=True, exist_ok=True)
     samples = []
     for i, (r, e) in enumerate(zip(records[:n_samples], examples[:n_samples])):
-        from perce_ds.data.prompts import render_profile_item
-
         s = {"record_id": r.record_id, "task": r.task, "query": r.query, "tokens": tokens[i],
              "profile": [render_profile_item(it) for it in r.profile[: e.profile_items_kept]],
              "pir": pir_after[i].tolist(), "truth": truth[i]}  # fmt: skip

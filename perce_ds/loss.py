@@ -145,6 +145,17 @@ def chunked_token_logprobs(
     return logp, (entropy if with_entropy else None)
 
 
+@torch.no_grad()
+def chunked_argmax_hits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024):
+    """Whether each target is the argmax of the same fp32 logits `chunked_token_logprobs` forms ([N] bool),
+    `chunk_size` rows at a time: teacher-forced accuracy without a [batch, seq, vocab] tensor."""
+    hits = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = min(start + chunk_size, hidden.shape[0])
+        hits[start:end] = fp32_logits(hidden[start:end], weight).argmax(-1) == targets[start:end]
+    return hits
+
+
 class WeightSettings(Protocol):
     """The run settings the weights read (perce_ds.config.LossConfig is one); loss.py imports no config."""
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from perce_ds.config import ConfigError, ModelConfig
-from perce_ds.loss import chunked_token_logprobs
+from perce_ds.loss import chunked_argmax_hits, chunked_token_logprobs
 from perce_ds.profiling import phase
 
 log = logging.getLogger("perce_ds")
@@ -131,6 +131,7 @@ class PerceLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         predict_index: torch.Tensor | None = None,
         ablated: dict[str, torch.Tensor | None] | None = None,
+        with_hits: bool = False,
     ) -> dict[str, torch.Tensor | None]:
         """Log-probs of the real response tokens.
 
@@ -138,7 +139,7 @@ class PerceLM(nn.Module):
         being the (right-padded) response. Packed layout (attention_mask None): input_ids and
         position_ids [1, total], predict_index [B, R] the flat position predicting each response
         token. Returns {"logp": [N] fp32, "entropy": [N] or None} in row-major order of
-        response_mask's True entries.
+        response_mask's True entries; `with_hits` adds "hits" ([N] bool: the conditioned argmax is the token).
 
         `ablated` (input_ids, attention_mask, position_ids, predict_index of the persona-ablated pass, same
         response) adds "logp_ablated": computed first, without grad or activation checkpointing. Both passes
@@ -154,9 +155,12 @@ class PerceLM(nn.Module):
                     response_ids=response_ids, response_mask=response_mask, **ablated
                 )[0]
         with phase("cond_fwd" if torch.is_grad_enabled() else "cond_fwd_nograd"):
-            logp, entropy = self.pass_logprobs(
-                input_ids, attention_mask, position_ids, predict_index, response_ids, response_mask, with_entropy
-            )
+            logp, entropy, hits = self.pass_logprobs(
+                input_ids, attention_mask, position_ids, predict_index, response_ids, response_mask, with_entropy,
+                with_hits,
+            )  # fmt: skip
+        if with_hits:
+            out["hits"] = hits
         return {"logp": logp, "entropy": entropy, **out}
 
     def pass_logprobs(
@@ -168,9 +172,11 @@ class PerceLM(nn.Module):
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
         with_entropy: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One pass: (logp, entropy or None) of the real response tokens (layouts as in `forward`). Call it
-        inside `forward` only: under ZeRO-3 the output embedding is gathered by this module's forward."""
+        with_hits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One pass: (logp, entropy or None, argmax hits or None) of the real response tokens (layouts as in
+        `forward`). Call it inside `forward` only: under ZeRO-3 the output embedding is gathered by this
+        module's forward."""
         if attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)
         hidden = (
@@ -183,13 +189,10 @@ class PerceLM(nn.Module):
             selected = hidden[:, -(response_ids.shape[1] + 1) : -1][response_mask]
         else:
             selected = hidden.flatten(0, 1)[predict_index[response_mask]]
-        return chunked_token_logprobs(
-            selected,
-            self.lm.get_output_embeddings().weight,
-            response_ids[response_mask],
-            self.logprob_chunk_size,
-            with_entropy,
-        )
+        weight, targets = self.lm.get_output_embeddings().weight, response_ids[response_mask]
+        logp, entropy = chunked_token_logprobs(selected, weight, targets, self.logprob_chunk_size, with_entropy)
+        hits = chunked_argmax_hits(selected, weight, targets, self.logprob_chunk_size) if with_hits else None
+        return logp, entropy, hits
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Turn non-reentrant activation checkpointing on or off for good (once, at set-up).

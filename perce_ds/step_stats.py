@@ -6,6 +6,7 @@ Everything logged per step is a ratio of two sums (a loss over tokens, persona-t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,8 @@ import torch
 
 from perce_ds.data.collate import MicroBatch
 from perce_ds.loss import TokenStats
+
+log = logging.getLogger("perce_ds")
 
 # The sums; their ratios are the logged metrics.
 STAT_KEYS = (
@@ -81,3 +84,25 @@ def finite_or_none(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return x if math.isfinite(x) else None
+
+
+@dataclass
+class CEWatch:
+    """Warns once when PerCE has been plain CE for `limit` steps in a row (no PIR above clip_min: every
+    weight was clip_min), the sign of a model that does not read the profiles. limit 0: never."""
+
+    limit: int
+    clip_min: float
+    steps_in_a_row: int = 0
+
+    def update(self, step: int, personal_ratio: float | None) -> None:
+        if personal_ratio is None:
+            return
+        self.steps_in_a_row = self.steps_in_a_row + 1 if personal_ratio == 0 else 0
+        if self.steps_in_a_row == self.limit:
+            log.warning(
+                "step %d: for %d steps in a row no response token had PIR above loss.clip_min=%g, so every weight "
+                "was clip_min and the update was plain CE's. The model does not (yet) read the profiles: check "
+                "data_report.json (profiles_cut_to_nothing), a pretrained model, or lower loss.clip_min",
+                step, self.steps_in_a_row, self.clip_min,
+            )  # fmt: skip

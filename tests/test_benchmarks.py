@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch_utils import ROOT, launch_env, run_job
+from tests.launch_utils import launch_env, run_job
 
 STEP_COST_KEYS = ("scheme", "median_step_s", "ratio_to_ce", "floor_ratio", "peak_mem_bytes", "mem_ratio_to_ce")
 LOGPROB_KEYS = ("vocab", "method", "time_s", "peak_extra_bytes", "mem_reduction_vs_naive")
@@ -36,7 +36,9 @@ def _finite(x: object) -> bool:
 @pytest.mark.slow
 def test_step_cost_smoke(tmp_path: Path) -> None:
     out = tmp_path / "step_cost.json"
-    proc = _run(["benchmarks/step_cost.py", "--smoke", "--variants", "perce_packed", "--json", str(out)], timeout=300)
+    proc = _run(
+        ["-m", "benchmarks.step_cost", "--smoke", "--variants", "perce_packed", "--json", str(out)], timeout=300
+    )
     rows = json.loads(out.read_text())
     schemes = [r["scheme"] for r in rows]
     assert schemes[:2] == ["ce", "perce"], schemes
@@ -56,7 +58,7 @@ def test_step_cost_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_padding_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "padding.json"
-    _run(["benchmarks/padding.py", "--micro-batch-sizes", "1", "4", "--json", str(out)], timeout=300)
+    _run(["-m", "benchmarks.padding", "--micro-batch-sizes", "1", "4", "--json", str(out)], timeout=300)
     rows = json.loads(out.read_text())
     assert {r["task"] for r in rows} == {"abstract_generation_user", "product_review_user", "topic_writing_user"}
     for row in rows:
@@ -70,7 +72,7 @@ def test_padding_benchmark(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_logprob_memory_smoke(tmp_path: Path) -> None:
     out = tmp_path / "logprob.json"
-    _run(["benchmarks/logprob_memory.py", "--smoke", "--vocabs", "151936", "--json", str(out)], timeout=180)
+    _run(["-m", "benchmarks.logprob_memory", "--smoke", "--vocabs", "151936", "--json", str(out)], timeout=180)
     rows = json.loads(out.read_text())
     assert {r["method"] for r in rows} == {"naive", "chunked"}
     for row in rows:
@@ -84,7 +86,6 @@ def test_logprob_memory_smoke(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_chunked_equals_naive_logprobs(dtype: torch.dtype) -> None:
     """perce_ds's chunked head == full logits + log_softmax + gather, values and both gradients (1e-5)."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks.logprob_memory import chunked_logprobs, make_inputs, naive_logprobs
 
     def run(fn: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -100,7 +101,6 @@ def test_chunked_equals_naive_logprobs(dtype: torch.dtype) -> None:
 
 def test_flop_model_floor() -> None:
     """The analytic floor from real token counts: 1 + F_abl / F_ce with F_ce = 4 forwards under checkpointing."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks.step_cost import FlopModel
     from perce_ds.data.collate import collate
     from perce_ds.data.prompts import TokenizedExample

@@ -12,6 +12,7 @@ from perce_ds.config import LossConfig
 from perce_ds.loss import (
     REGISTRY,
     TokenStats,
+    chunked_argmax_hits,
     chunked_token_logprobs,
     get_scheme,
     token_weights,
@@ -68,6 +69,17 @@ def test_chunked_entropy_matches_full_logits(chunk):
     torch.testing.assert_close(logp, _naive(hidden, weight, targets), atol=1e-6, rtol=1e-6)
     # Bounds of an entropy over V classes.
     assert (entropy >= 0).all() and (entropy <= torch.log(torch.tensor(float(V))) + 1e-5).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, N + 5])
+def test_chunked_argmax_hits_match_full_logits(chunk):
+    hidden, weight, _ = _inputs(n=40)
+    logits = hidden @ weight.T
+    # Targets: the argmax on even rows, another token on odd rows, so both outcomes are exercised.
+    targets = logits.argmax(-1)
+    targets[1::2] = (targets[1::2] + 1) % V
+    hits = chunked_argmax_hits(hidden, weight, targets, chunk_size=chunk)
+    assert hits.dtype == torch.bool and hits.tolist() == [i % 2 == 0 for i in range(40)]
 
 
 def test_chunked_entropy_hand_case():

@@ -14,46 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
-from perce_ds.data.collate import collate
-from perce_ds.data.order import shard_batches
 from perce_ds.data.prompts import TokenizedExample
 from perce_ds.data.records import PersonaRecord
 from perce_ds.evaluation import metrics
 from perce_ds.evaluation.generation import GenerationSettings, GenItem, run_generation, texts_by_id
 from perce_ds.evaluation.report import write_eval_outputs
-from perce_ds.insight import best_threshold, marking_scores, split_rows
-from perce_ds.model import position_ids_from_mask
+from perce_ds.evaluation.teacher_forced import ScoredExample, teacher_forced
 
 log = logging.getLogger("perce_ds")
-
-
-@torch.no_grad()
-def _teacher_forced(engine: Any, module: Any, examples: list[TokenizedExample], pad_id: int, rank: int, world: int):
-    """Per counted example on this rank: (index, PIR array, correct-argmax array). Same calls on every rank."""
-    mb = int(engine.train_micro_batch_size_per_gpu())
-    device = next(module.parameters()).device
-    out = []
-    for idx, keep in shard_batches(len(examples), rank, world, mb):  # padding rows: scored, then discarded
-        batch = collate([examples[i] for i in idx], pad_id).to(device)
-        passes = engine(response_ids=batch.response_ids, response_mask=batch.response_mask,
-                        ablated=batch.ablated.as_kwargs(), **batch.conditioned.as_kwargs())  # fmt: skip
-        n_resp = batch.response_ids.shape[1]
-        logits = module.lm(
-            input_ids=batch.conditioned.input_ids,
-            attention_mask=batch.conditioned.attention_mask,
-            position_ids=position_ids_from_mask(batch.conditioned.attention_mask),
-            logits_to_keep=n_resp + 1,
-            use_cache=False,
-        ).logits[:, :n_resp]
-        correct = (logits.argmax(-1) == batch.response_ids)[batch.response_mask].cpu()
-        mask = batch.response_mask.cpu()
-        pirs = split_rows((passes["logp"] - passes["logp_ablated"]).double().cpu(), mask)
-        hits = split_rows(correct, mask)
-        out += [(i, p, h) for i, k, p, h in zip(idx, keep, pirs, hits) if k]
-    return out
 
 
 def _gather(obj: Any, world: int) -> list[Any]:
@@ -92,8 +62,10 @@ def demo_evaluation(
     engine.eval()
     try:
         with module.activation_checkpointing_paused():
-            rows = _teacher_forced(engine, module, examples, tokenizer.pad_token_id, rank, world)
-            parts = _gather(rows, world)
+            batch_size, device = int(engine.train_micro_batch_size_per_gpu()), next(module.parameters()).device
+            scored = teacher_forced(engine, examples, tokenizer.pad_token_id, batch_size, device, rank, world,
+                                    with_hits=True)  # fmt: skip
+            parts = _gather(scored, world)
             by_rid = {r.record_id: r for r in records or []}
             out_dir = run_dir / "eval" / "demo"
             gen_path = out_dir / "generations.jsonl"
@@ -105,9 +77,7 @@ def demo_evaluation(
             items = [GenItem(e.record_id, by_rid[e.record_id].task if e.record_id in by_rid else "eval", e.cond_prompt_ids)
                      for e in examples]  # fmt: skip
             sharded = any(hasattr(p, "ds_id") for p in module.parameters())
-            settings = GenerationSettings(
-                max_new_tokens=max_new_tokens, batch_size=int(engine.train_micro_batch_size_per_gpu())
-            )
+            settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
             gens = run_generation(module.lm, tokenizer, items, settings, gen_path, synced_gpus=sharded and world > 1,
                                   progress=False)  # fmt: skip
     finally:
@@ -124,20 +94,20 @@ def demo_evaluation(
 
 
 def _score(
-    examples: list[TokenizedExample], rows: list[tuple], by_rid: dict[str, PersonaRecord],
+    examples: list[TokenizedExample], scored: list[ScoredExample], by_rid: dict[str, PersonaRecord],
     generations: dict[str, str], tokenizer: Any, out_dir: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    rows = sorted(rows, key=lambda r: r[0])
-    truth = [examples[i].persona_token_mask for i, _, _ in rows]
-    pir = [p for _, p, _ in rows]
-    hits = [np.asarray(h, dtype=bool) for _, _, h in rows]
+    scored = sorted(scored, key=lambda s: s.index)
+    truth = [examples[s.index].persona_token_mask for s in scored]
+    pir = [s.pir for s in scored]
+    hits = [s.hits for s in scored]
     res: dict[str, Any] = {"demo_n_records": len(examples)}
     if any(truth):
         y = np.concatenate([np.asarray(t, dtype=bool) for t in truth])
         h = np.concatenate(hits)
         res["demo_persona_token_acc"] = float(h[y].mean()) if y.any() else None
         res["demo_other_token_acc"] = float(h[~y].mean()) if (~y).any() else None
-        m, b = marking_scores(pir, truth, 0.0), best_threshold(pir, truth)
+        m, b = metrics.marking_scores(pir, truth, 0.0), metrics.best_threshold(pir, truth)
         res.update(demo_pir_f1=m["f1"], demo_pir_precision=m["precision"], demo_pir_recall=m["recall"],
                    demo_pir_positive_rate=m["positive_rate"], demo_pir_random_f1=m["random_f1"],
                    demo_pir_best_threshold=b["threshold"], demo_pir_best_f1=b["f1"], demo_pir_best_random_f1=b["random_f1"])  # fmt: skip

@@ -20,10 +20,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from perce_ds.data.pipeline import resolve_tokenizer
+from perce_ds.data.tokenizer import load_tokenizer
 from perce_ds.distributed import apply_slurm_env, init_process_group
 from perce_ds.evaluation import report, runs
 from perce_ds.evaluation.generation import GenerationSettings, read_generations, run_generation, texts_by_id
 from perce_ds.evaluation.metrics import DEFAULT_PRESET, ensure_wordnet
+from perce_ds.evaluation.predictions import write_predictions
 from perce_ds.model import resolve_dtype
 
 log = logging.getLogger("perce_ds")
@@ -123,9 +126,6 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
     else:
         model_dir = runs.resolve_model_dir(run_dir, opts.model)
         model_id = runs.model_identity(model_dir)
-    from perce_ds.data.pipeline import resolve_tokenizer
-    from perce_ds.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(model_dir) if model_dir and (model_dir / "tokenizer_config.json").is_file() else None
     tokenizer = tokenizer or resolve_tokenizer(cfg)
     records = runs.split_records(cfg, opts.split, opts.data, opts.tasks, require_response=not opts.predict_only)
@@ -165,8 +165,6 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
     if rank != 0:
         return None
     if opts.predict_only:
-        from perce_ds.evaluation.predictions import write_predictions
-
         return write_predictions(out_dir, records, texts_by_id(rows.values()))
     references = {r.record_id: (r.task, r.response) for r in records}
     per_record = report.score_generations(references, texts_by_id(rows.values()), meta["metrics_preset"])

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from perce_ds.data.prompts import end_of_turn_id
+
 log = logging.getLogger("perce_ds")
 
 
@@ -129,8 +131,6 @@ def generate_batch(
 
     With `synced_gpus=True` (ZeRO-3 over several ranks) every rank must call this together.
     """
-    from perce_ds.data.prompts import end_of_turn_id
-
     device = next(lm.parameters()).device
     ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
     stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_id(tokenizer)})

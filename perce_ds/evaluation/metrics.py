@@ -13,6 +13,9 @@
   only for the 95% interval of that mean and for paired p-values, always with a fixed seed.
 Scores are fractions in [0, 1]; reports multiply by 100.
 
+PIR as a persona-token detector (`marking_scores`, `best_threshold`): precision / recall / F1 of "PIR > t"
+against the ground-truth persona-token mask of the synthetic tasks, beside the F1 of a random marking.
+
 The above is the `strict` preset. Published tables use other settings, and stemming and METEOR's tokenisation
 move scores by points, so PRESETS also holds the settings of published evaluations (eval.metrics_preset,
 `launch/evaluate.py --metrics-preset`); every report names its preset. Only the metric settings and the
@@ -255,3 +258,32 @@ def summarise(per_record: list[dict[str, Any]], seed: int = 0, n_resamples: int 
         mean = float(values.mean()) if values.size else float("nan")
         out[metric] = MetricSummary(mean, lo, hi, int(values.size)).to_dict()
     return out
+
+
+# ------------------------------------------------------------------ PIR as a persona-token detector
+
+
+def marking_scores(pir: list[np.ndarray], truth: list[list[bool]], threshold: float) -> dict[str, float]:
+    """Precision, recall, F1 of "PIR > threshold" against ground-truth persona tokens, plus the random baseline.
+
+    `random_f1` is the expected F1 of marking each token at random with the same positive rate q:
+    precision = base rate p, recall = q, so F1 = 2pq / (p + q).
+    """
+    x = np.concatenate([np.asarray(p, dtype=np.float64) for p in pir]) if pir else np.zeros(0)
+    y = np.concatenate([np.asarray(t, dtype=bool) for t in truth]) if truth else np.zeros(0, dtype=bool)
+    pred = x > threshold
+    tp, fp, fn = float((pred & y).sum()), float((pred & ~y).sum()), float((~pred & y).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    base, q = float(y.mean()) if y.size else 0.0, float(pred.mean()) if pred.size else 0.0
+    random_f1 = 2 * base * q / (base + q) if base + q else 0.0
+    return {"threshold": threshold, "precision": precision, "recall": recall, "f1": f1,
+            "positive_rate": q, "base_rate": base, "random_f1": random_f1, "n_tokens": int(y.size)}  # fmt: skip
+
+
+def best_threshold(pir: list[np.ndarray], truth: list[list[bool]], n_candidates: int = 101) -> dict[str, float]:
+    """marking_scores at the threshold (over PIR quantiles and 0) with the highest F1."""
+    x = np.concatenate(pir) if pir else np.zeros(1)
+    candidates = np.unique(np.concatenate([np.quantile(x, np.linspace(0, 1, n_candidates)), [0.0]]))
+    return max((marking_scores(pir, truth, float(t)) for t in candidates), key=lambda s: s["f1"])

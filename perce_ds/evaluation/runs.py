@@ -6,6 +6,7 @@ they are byte-for-byte the prompts the model was trained on (conditioned, or per
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 
+from perce_ds import checkpoint
 from perce_ds.config import RunConfig
-from perce_ds.data import synthetic
+from perce_ds.data import pipeline, synthetic
 from perce_ds.data.pipeline import data_files
 from perce_ds.data.prompts import PromptSettings, TokenizedExample, tokenize_record
 from perce_ds.data.records import PersonaRecord, RecordError
@@ -23,6 +25,7 @@ from perce_ds.data.sources import load_many
 from perce_ds.errors import UserError
 from perce_ds.evaluation.generation import GenItem
 from perce_ds.fingerprints import digest, weight_files_fingerprint
+from perce_ds.model import build_causal_lm
 
 log = logging.getLogger("perce_ds")
 
@@ -87,10 +90,6 @@ def split_records(
 
 def _task_split_records(cfg: RunConfig, split: str, require_response: bool = True) -> list[PersonaRecord]:
     """A LongLaMP / LaMP source's split through the data pipeline's own loader ("test" replaces eval_split)."""
-    import copy
-
-    from perce_ds.data import pipeline
-
     cfg = copy.deepcopy(cfg)
     section = cfg.data.longlamp if cfg.data.source == "longlamp" else cfg.data.lamp
     if split == "test":
@@ -103,11 +102,7 @@ def _task_split_records(cfg: RunConfig, split: str, require_response: bool = Tru
 
 def prompt_settings(cfg: RunConfig) -> PromptSettings:
     """The PromptSettings the run trained with (the data pipeline's own, when it defines them)."""
-    from perce_ds.data import pipeline
-
-    if hasattr(pipeline, "prompt_settings"):
-        return pipeline.prompt_settings(cfg)
-    return PromptSettings(cfg.data.system_prompt, cfg.data.max_length, cfg.data.max_profile_tokens)
+    return pipeline.prompt_settings(cfg)
 
 
 def tokenize_for_eval(
@@ -197,9 +192,6 @@ def load_zero3_model(model_dir: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 def load_checkpoint_weights(cfg: RunConfig, ckpt: Path, tokenizer: Any, dtype: torch.dtype) -> Any:
     """Rebuild the run's model and load a DeepSpeed checkpoint's consolidated fp32 weights (any world size)."""
-    from perce_ds import checkpoint
-    from perce_ds.model import build_causal_lm
-
     if not checkpoint.is_checkpoint(ckpt):
         raise EvalInputError(f"--checkpoint {ckpt}: not a complete perce_ds checkpoint (no {checkpoint.STATE_FILE})")
     state = checkpoint.consolidated_lm_weights(ckpt)

@@ -5,7 +5,7 @@ prompt, log P under the persona-ablated prompt (PIR is their difference) and whe
 argmax is the token. Tokens are classed by the record's spans: "copy" / "infer" (persona_span_kinds),
 "persona" (a span without a kind) or "other". Per class: NLL (summed over tokens / tokens) and argmax
 accuracy. PIR as a persona-token detector: F1 of "PIR > 0" and at the best threshold, each with the F1
-of a random marking at the same positive rate (perce_ds.insight). The share of tokens with PIR > clip_min
+of a random marking at the same positive rate (perce_ds.evaluation.metrics). The share of tokens with PIR > clip_min
 says how much PerCE's weights differ from CE's.
 
 Runs are compared on the same records (so the same tokens): per class, the difference in NLL and
@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from perce_ds.data.collate import collate
 from perce_ds.data.prompts import TokenizedExample, response_token_ids
 from perce_ds.data.records import PersonaRecord
-from perce_ds.insight import best_threshold, marking_scores
-from perce_ds.model import position_ids_from_mask
+from perce_ds.evaluation.metrics import best_threshold, marking_scores
+from perce_ds.evaluation.teacher_forced import teacher_forced
+from perce_ds.model import PerceLM
 
 OTHER = "other"
 PERSONA_CLASSES = ("persona", "copy", "infer")  # "persona": every ground-truth persona token, whatever its kind
@@ -58,7 +57,6 @@ def token_kinds(tokenizer: Any, record: PersonaRecord, example: TokenizedExample
     return kinds
 
 
-@torch.no_grad()
 def score_tokens(
     lm: Any,
     tokenizer: Any,
@@ -67,39 +65,14 @@ def score_tokens(
     batch_size: int = 8,
 ) -> list[RecordTokens]:
     """RecordTokens for each (record, example) pair, with a plain (unsharded) model in eval mode."""
-    lm.eval()
-    device = next(lm.parameters()).device
-    out: list[RecordTokens] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = collate(chunk, tokenizer.pad_token_id).to(device)
-        n_resp = batch.response_ids.shape[1]
-        per_pass = []
-        for inputs in (batch.conditioned, batch.ablated):
-            logits = (
-                lm(
-                    input_ids=inputs.input_ids,
-                    attention_mask=inputs.attention_mask,
-                    position_ids=position_ids_from_mask(inputs.attention_mask),
-                    logits_to_keep=n_resp + 1,
-                    use_cache=False,
-                )
-                .logits[:, :n_resp]
-                .float()
-            )
-            logp = torch.log_softmax(logits, -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
-            per_pass.append((logp.double().cpu(), (logits.argmax(-1) == batch.response_ids).cpu()))
-        (cond, hits), (abl, _) = per_pass
-        for row, ex in enumerate(chunk):
-            n = len(ex.response_ids)
-            record = records[start + row]
-            out.append(
-                RecordTokens(
-                    ex.record_id, token_kinds(tokenizer, record, ex), cond[row, :n].tolist(),
-                    abl[row, :n].tolist(), hits[row, :n].tolist(),
-                )
-            )  # fmt: skip
-    return out
+    module = PerceLM(lm).eval()
+    scored = teacher_forced(module, examples, tokenizer.pad_token_id, batch_size, next(lm.parameters()).device,
+                            with_hits=True)  # fmt: skip
+    return [
+        RecordTokens(examples[s.index].record_id, token_kinds(tokenizer, records[s.index], examples[s.index]),
+                     s.logp.tolist(), s.logp_ablated.tolist(), s.hits.tolist())
+        for s in scored
+    ]  # fmt: skip
 
 
 def save(rows: list[RecordTokens], path: Path, meta: dict[str, Any]) -> None:

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from perce_ds.config import RunConfig  # noqa: E402
-from perce_ds.data.pipeline import data_files  # noqa: E402
-from perce_ds.data.sources import load_many  # noqa: E402
-from perce_ds.distributed import shutdown  # noqa: E402
-from perce_ds.engine import Trainer  # noqa: E402
-from perce_ds.evaluation.demo import demo_evaluation  # noqa: E402
+from perce_ds.config import RunConfig
+from perce_ds.data.pipeline import data_files
+from perce_ds.data.sources import load_many
+from perce_ds.distributed import shutdown
+from perce_ds.engine import Trainer
+from perce_ds.evaluation.demo import demo_evaluation
 
 
 def main() -> None:

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from perce_ds import loss  # noqa: E402
-from perce_ds.config import RunConfig  # noqa: E402
-from perce_ds.distributed import shutdown  # noqa: E402
-from perce_ds.engine import NonFiniteLossError, Trainer  # noqa: E402
+from perce_ds import loss
+from perce_ds.config import RunConfig
+from perce_ds.distributed import shutdown
+from perce_ds.engine import NonFiniteLossError, Trainer
 
 POISON = {"on": False}
 

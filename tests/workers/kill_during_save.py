@@ -6,13 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from perce_ds.config import RunConfig  # noqa: E402
-from perce_ds.engine import Trainer  # noqa: E402
+from perce_ds.config import RunConfig
+from perce_ds.engine import Trainer
 
 
 def main() -> None:

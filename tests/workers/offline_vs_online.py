@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from perce_ds import estep  # noqa: E402
-from perce_ds.cli import parse_overrides  # noqa: E402
-from perce_ds.config import RunConfig  # noqa: E402
-from perce_ds.data.collate import collate  # noqa: E402
-from perce_ds.data.order import shard_batches  # noqa: E402
-from perce_ds.distributed import shutdown  # noqa: E402
-from perce_ds.engine import Trainer  # noqa: E402
-from perce_ds.loss import token_weights  # noqa: E402
-from tests.launch_utils import reference_logprobs  # noqa: E402
+from perce_ds import estep
+from perce_ds.cli import parse_overrides
+from perce_ds.config import RunConfig
+from perce_ds.data.collate import collate
+from perce_ds.data.order import shard_batches
+from perce_ds.distributed import shutdown
+from perce_ds.engine import Trainer
+from perce_ds.loss import token_weights
+from tests.launch_utils import reference_logprobs
 
 
 def main() -> None:
