@@ -267,8 +267,8 @@ class SplitProcessor:
         self.calls = 0  # records tokenised by this processor (the cache test counts them)
 
     def __call__(self, records: list[PersonaRecord]) -> dict[str, list[Any]]:
-        from perce_ds.data.longlamp import TASKS
         from perce_ds.data.retrieval import RetrievalRequest
+        from perce_ds.data.tasks import TASKS
 
         requests = []
         for r in records:
