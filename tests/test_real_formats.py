@@ -236,7 +236,8 @@ def _topic_rows(item_keys):
 def test_item_fields_checked_whatever_the_feature_types():
     from datasets import Value
 
-    from perce_ds.data.longlamp import LONGLAMP_TASKS, rows_to_records
+    from perce_ds.data.longlamp import LONGLAMP_TASKS
+    from perce_ds.data.tasks import rows_to_records
 
     spec = LONGLAMP_TASKS["topic_writing"]
     old_style = {"profile": [{"input": Value("string"), "output": Value("string")}]}

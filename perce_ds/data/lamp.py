@@ -9,6 +9,8 @@ question id unless the row has a ``user_id``. Record ids are ``<task>/<split>/<q
 The test split ships questions only (LaMP scores it on its leaderboard): it loads with
 ``require_response=False`` as a prediction-only split, and ``write_submission`` writes generated outputs in
 the benchmark's own format, ``{"task": "LaMP_N", "golds": [{"id", "output"}]}``.
+
+The task specs register in perce_ds/data/tasks.py, whose ``rows_to_records`` turns the joined rows into records.
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from perce_ds.data.longlamp import DataSourceError, TaskSpec, _connector, _hf_load, _join, after_marker, register_task
-from perce_ds.data.longlamp import rows_to_records as _rows_to_records
-from perce_ds.data.prompts import ProfileFormat
 from perce_ds.data.records import PersonaRecord
 from perce_ds.data.sources import LoadReport
+from perce_ds.data.tasks import (
+    ProfileFormat,
+    TaskSpec,
+    after_marker,
+    connector,
+    hf_load,
+    join_fields,
+    register_task,
+    rows_to_records,
+)
+from perce_ds.errors import DataSourceError
 
 LAMP_TASKS = {
     "LaMP_4": register_task(
@@ -30,10 +40,10 @@ LAMP_TASKS = {
             user_fields=("user_id", "id"),
             item_fields=("title", "text"),
             format=ProfileFormat(
-                '"{title}" is the headline of the article "{text}"', ("text",), _connector("headlines")
+                '"{title}" is the headline of the article "{text}"', ("text",), connector("headlines")
             ),
             query_of=after_marker("article:"),
-            item_text=_join("title", "text"),
+            item_text=join_fields("title", "text"),
         )
     ),
     "LaMP_5": register_task(
@@ -42,10 +52,10 @@ LAMP_TASKS = {
             user_fields=("user_id", "id"),
             item_fields=("title", "abstract"),
             format=ProfileFormat(
-                '"{title}" is the title of the paper with abstract "{abstract}"', ("abstract",), _connector("titles")
+                '"{title}" is the title of the paper with abstract "{abstract}"', ("abstract",), connector("titles")
             ),
             query_of=after_marker("paper:"),
-            item_text=_join("title", "abstract"),
+            item_text=join_fields("title", "abstract"),
         )
     ),
     "LaMP_7": register_task(
@@ -53,9 +63,9 @@ LAMP_TASKS = {
             name="lamp/LaMP_7",
             user_fields=("user_id", "id"),
             item_fields=("text",),
-            format=ProfileFormat('"{text}"', ("text",), _connector("tweets")),
+            format=ProfileFormat('"{text}"', ("text",), connector("tweets")),
             query_of=after_marker(":"),
-            item_text=_join("text"),
+            item_text=join_fields("text"),
         )
     ),
 }
@@ -103,13 +113,13 @@ def load_lamp(
     spec = LAMP_TASKS[task]
     questions_file, outputs_file = lamp_files(path, split, require_response)
     source = f"{path} [task {task}, split {split}]"
-    questions = _hf_load("json", source, cache_dir, data_files=str(questions_file), split="train")
+    questions = hf_load("json", source, cache_dir, data_files=str(questions_file), split="train")
     output_of: dict[str, str] = {}
     if outputs_file is not None:
-        golds = _hf_load("json", source, cache_dir, data_files=str(outputs_file), field="golds", split="train")
+        golds = hf_load("json", source, cache_dir, data_files=str(outputs_file), field="golds", split="train")
         output_of = {str(i): o for i, o in zip(golds["id"], golds["output"])}
     rows = _WithOutputs(questions, output_of)
-    return _rows_to_records(
+    return rows_to_records(
         rows, spec, source, f"{task}/{split}", on_bad_record, max_records, seed, require_response, id_field="id"
     )
 

@@ -20,11 +20,17 @@ from typing import Any
 
 from perce_ds.config import ConfigError, RunConfig
 from perce_ds.data import synthetic
+from perce_ds.data.cache import build_or_load, cache_path, split_fingerprint
+from perce_ds.data.lamp import load_lamp
+from perce_ds.data.longlamp import load_longlamp
 from perce_ds.data.prompts import PROFILE_CONNECTOR, PROFILE_HEADER, PromptSettings, TokenizedExample, tokenize_record
 from perce_ds.data.records import PersonaRecord, RecordError
+from perce_ds.data.retrieval import RetrievalRequest, Retriever
 from perce_ds.data.sources import LoadReport, load_many
+from perce_ds.data.tasks import TASKS
 from perce_ds.data.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
 from perce_ds.errors import DataSourceError
+from perce_ds.fingerprints import path_fingerprint
 
 log = logging.getLogger("perce_ds")
 
@@ -132,14 +138,10 @@ def load_task_split(
     max_records = d.max_train_records if role == "train" else d.max_eval_records
     hf_cache = str(cache_root(cfg) / "hf")
     if d.source == "longlamp":
-        from perce_ds.data.longlamp import load_longlamp
-
         return load_longlamp(
             section.dataset, section.config, split, d.on_bad_record, max_records, d.subset_seed, hf_cache,
             require_response,
         )  # fmt: skip
-    from perce_ds.data.lamp import load_lamp
-
     return load_lamp(
         section.path, section.task, split, d.on_bad_record, max_records, d.subset_seed, hf_cache, require_response
     )
@@ -259,17 +261,12 @@ class SplitProcessor:
     """
 
     def __init__(self, cfg: RunConfig, tokenizer: Any, source: str):
-        from perce_ds.data.retrieval import Retriever
-
         r = cfg.data.retrieval
         self.retriever = Retriever(r.method, r.top_k, r.seed, r.contriever_path, r.batch_size)
         self.tokenizer, self.settings, self.source = tokenizer, prompt_settings(cfg), source
         self.calls = 0  # records tokenised by this processor (the cache test counts them)
 
     def __call__(self, records: list[PersonaRecord]) -> dict[str, list[Any]]:
-        from perce_ds.data.longlamp import TASKS
-        from perce_ds.data.retrieval import RetrievalRequest
-
         requests = []
         for r in records:
             spec = TASKS[r.task]
@@ -304,8 +301,6 @@ CACHE_COLUMNS = (
 
 def cache_settings(cfg: RunConfig, role: str) -> dict[str, Any]:
     """Everything besides records and tokenizer that the cached rows depend on."""
-    from perce_ds.fingerprints import path_fingerprint
-
     r = cfg.data.retrieval
     return {
         "role": role,
@@ -318,8 +313,6 @@ def cache_settings(cfg: RunConfig, role: str) -> dict[str, Any]:
 def _task_split(
     cfg: RunConfig, role: str, tokenizer: Any, is_rank0: bool, barrier: Callable[[], None]
 ) -> tuple[list[TokenizedExample], SplitReport]:
-    from perce_ds.data.cache import build_or_load, cache_path, split_fingerprint
-
     records, load_report = load_task_split(cfg, role)
     source = load_report.source if load_report else f"{cfg.data.source} [{role}: no split]"
     report = SplitReport(files=[source] if load_report else [])

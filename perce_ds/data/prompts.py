@@ -5,8 +5,10 @@ Both use the same system message and chat template; the response is tokenised on
 and appended to both prompts, so the two passes score exactly the same token ids.
 
 Two profile layouts: the generic one (PersonaRecord files, the synthetic task) drops whole items from the
-end to fit the budget; a task with a registered ProfileFormat (LongLaMP, LaMP) gets a LongLaMP-style block
-whose budget is shared per item, unused tokens rolling over to later items, an item's tail trimmed to fit.
+end to fit the budget; a task registered in perce_ds/data/tasks.py (LongLaMP, LaMP) gets its ProfileFormat's
+LongLaMP-style block, whose budget is shared per item, unused tokens rolling over to later items, an item's
+tail trimmed to fit. The format is looked up by the record's task name, so every caller of tokenize_record
+(training, evaluation, tests) gets the same prompt for the same record.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from perce_ds.data.records import PersonaRecord, RecordError
+from perce_ds.data.tasks import ProfileFormat, profile_format
+from perce_ds.data.tokenizer import FALLBACK_CHAT_TEMPLATE
 
 PROFILE_HEADER = "Here is what this user wrote before:\n"
 PROFILE_CONNECTOR = "Use the above to understand the user's style and preferences, and answer this request:\n"
@@ -60,43 +64,6 @@ def profile_block(items: list[dict[str, Any]]) -> str:
     return PROFILE_HEADER + "".join(f"- {render_profile_item(it)}\n" for it in items) + PROFILE_CONNECTOR
 
 
-@dataclass(frozen=True)
-class ProfileFormat:
-    """How a task shows its profile items, in the spirit of LongLaMP's prompts.
-
-    `item_template` is str.format over the item's fields (a missing field renders empty); `trim_fields`
-    are the fields whose tail may be cut to fit the budget, most important first (it keeps its tokens
-    longest). The block is `header + one line per item + connector`, and is a prefix of the user turn.
-    """
-
-    item_template: str
-    trim_fields: tuple[str, ...]
-    connector: str
-    header: str = ""
-
-    def render_item(self, item: dict[str, Any]) -> str:
-        return "- " + self.item_template.format_map(_Fields(item)) + "\n"
-
-    def block(self, items: list[dict[str, Any]]) -> str:
-        return self.header + "".join(self.render_item(it) for it in items) + self.connector if items else ""
-
-
-class _Fields(dict):
-    def __missing__(self, key: str) -> str:
-        return ""
-
-
-PROFILE_FORMATS: dict[str, ProfileFormat] = {}  # task name -> format; filled by the task adapters
-
-
-def profile_format(task: str) -> ProfileFormat | None:
-    """The registered format of a task (LongLaMP, LaMP), or None for the generic layout."""
-    if task not in PROFILE_FORMATS and "/" in task:
-        import perce_ds.data.lamp  # noqa: F401  (registers its tasks)
-        import perce_ds.data.longlamp  # noqa: F401
-    return PROFILE_FORMATS.get(task)
-
-
 def render_prompt(
     tokenizer: Any, system_prompt: str, user_content: str, template_kwargs: dict[str, Any] | None = None
 ) -> str:
@@ -136,8 +103,6 @@ _END_OF_TURN: weakref.WeakKeyDictionary[Any, dict[tuple[Any, str], int]] = weakr
 
 
 def _probe_end_of_turn_id(tokenizer: Any, template_kwargs: dict[str, Any] | None) -> int:
-    from perce_ds.data.tokenizer import FALLBACK_CHAT_TEMPLATE
-
     if tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE:
         return tokenizer.eos_token_id
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_MARKER}]

@@ -9,35 +9,23 @@ values whose character spans are recorded in ``PersonaRecord.persona_spans``. Pu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from perce_ds.data import synthetic_natural
 from perce_ds.data.records import PersonaRecord
+from perce_ds.data.synthetic_base import NAMES, PET_NAMES, SIGN_OFFS, balanced, derived_rng, render, request_records
 
 TASK = "synthetic_persona"
 
-NAMES = (
-    "Ana", "Ben", "Cleo", "Dev", "Elif", "Finn", "Gita", "Hugo", "Ines", "Jonah", "Kofi", "Lena", "Mira",
-    "Nico", "Omar", "Priya", "Quinn", "Rosa", "Soren", "Tara", "Umar", "Vera", "Wes", "Yara", "Zane",
-)  # fmt: skip
 CUISINES = (
     "Thai", "Italian", "Mexican", "Japanese", "Indian", "Greek", "Korean", "Ethiopian", "French",
     "Lebanese", "Vietnamese", "Peruvian",
 )  # fmt: skip
-PET_NAMES = (
-    "Biscuit", "Pepper", "Mochi", "Waffles", "Luna", "Ziggy", "Noodle", "Pickles", "Maple", "Olive",
-    "Pudding", "Bruno", "Socks", "Tofu", "Juniper", "Clover",
-)  # fmt: skip
 PET_KINDS = ("dog", "cat", "rabbit", "parrot", "hamster", "tortoise")
-SIGN_OFFS = (
-    "Cheers", "Warmly", "Take care", "All the best", "Hugs", "Peace out", "Kind regards", "Ciao",
-    "Stay curious", "Onwards",
-)  # fmt: skip
 HOBBIES = (
     "painting", "chess", "gardening", "rock climbing", "photography", "knitting", "baking", "cycling",
     "birdwatching", "pottery", "yoga", "fishing",
@@ -46,9 +34,6 @@ CITIES = (
     "Lisbon", "Denver", "Osaka", "Leeds", "Austin", "Dublin", "Porto", "Seattle", "Krakow", "Adelaide",
     "Halifax", "Bergen",
 )  # fmt: skip
-# Generic request details: predictable from the query, so never persona tokens.
-WHEN = ("last week", "yesterday", "on Sunday", "last month", "on Friday night", "two days ago")
-FRIENDS = ("Sam", "Jo", "Alex", "Kim", "Pat", "Lee", "Robin", "Casey")
 
 # (query, response) templates. Fields named like UserPersona traits are persona tokens;
 # {when} and {friend} are generic details that the query also states.
@@ -145,38 +130,6 @@ class UserPersona:
         }
 
 
-def _balanced(rng: random.Random, vocab: tuple, n: int) -> list:
-    """n draws from vocab in reshuffled full passes, so every value is used about equally often."""
-    out: list = []
-    while len(out) < n:
-        out.extend(rng.sample(vocab, len(vocab)))
-    return out[:n]
-
-
-def _derived_rng(*parts: object) -> random.Random:
-    """An RNG seeded stably from parts (sha256, not the per-process salted hash())."""
-    digest = hashlib.sha256("|".join(str(p) for p in parts).encode("utf-8")).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
-
-def _render(template: str, values: dict[str, str], persona_keys: set[str]) -> tuple[str, list[list[int]]]:
-    """Fill template piece by piece; return the text and the [start, end) spans of persona fields."""
-    pieces: list[str] = []
-    spans: list[list[int]] = []
-    pos = 0
-    for literal, field_name, _spec, _conv in string.Formatter().parse(template):
-        pieces.append(literal)
-        pos += len(literal)
-        if field_name is None:
-            continue
-        value = values[field_name]
-        if field_name in persona_keys and value:
-            spans.append([pos, pos + len(value)])
-        pieces.append(value)
-        pos += len(value)
-    return "".join(pieces), spans
-
-
 def make_personas(n_users: int, seed: int) -> list[UserPersona]:
     """n_users personas, identical for the same (n_users, seed); user_ids are "u000", "u001", ...
 
@@ -187,25 +140,25 @@ def make_personas(n_users: int, seed: int) -> list[UserPersona]:
         raise ValueError(f"n_users must be >= 0, got {n_users}")
     rng = random.Random(seed)
     cols = {
-        "name": _balanced(rng, NAMES, n_users),
-        "cuisine": _balanced(rng, CUISINES, n_users),
-        "pet_name": _balanced(rng, PET_NAMES, n_users),
-        "pet_kind": _balanced(rng, PET_KINDS, n_users),
-        "sign_off": _balanced(rng, SIGN_OFFS, n_users),
-        "rating": _balanced(rng, (1, 2, 3, 4, 5), n_users),
-        "hobby": _balanced(rng, HOBBIES, n_users),
-        "city": _balanced(rng, CITIES, n_users),
+        "name": balanced(rng, NAMES, n_users),
+        "cuisine": balanced(rng, CUISINES, n_users),
+        "pet_name": balanced(rng, PET_NAMES, n_users),
+        "pet_kind": balanced(rng, PET_KINDS, n_users),
+        "sign_off": balanced(rng, SIGN_OFFS, n_users),
+        "rating": balanced(rng, (1, 2, 3, 4, 5), n_users),
+        "hobby": balanced(rng, HOBBIES, n_users),
+        "city": balanced(rng, CITIES, n_users),
     }
     return [UserPersona(user_id=f"u{i:03d}", **{k: v[i] for k, v in cols.items()}) for i in range(n_users)]
 
 
 def _profile(persona: UserPersona, seed: int, index: int) -> list[dict[str, str]]:
     """4-6 past writings that together mention every trait; the same for every split."""
-    rng = _derived_rng("profile", seed, index)
+    rng = derived_rng("profile", seed, index)
     items = list(PROFILE_CORE) + rng.sample(PROFILE_EXTRA, rng.randint(1, len(PROFILE_EXTRA)))
     rng.shuffle(items)
     traits = persona.traits()
-    return [{"title": title, "text": _render(text, traits, set())[0]} for title, text in items]
+    return [{"title": title, "text": render(text, traits, set())[0]} for title, text in items]
 
 
 def generate_records(n_users: int, per_user: int, seed: int, split: str = "train") -> list[PersonaRecord]:
@@ -224,22 +177,11 @@ def generate_records(n_users: int, per_user: int, seed: int, split: str = "train
     for index, persona in enumerate(make_personas(n_users, seed)):
         profile = _profile(persona, seed, index)
         traits = persona.traits()
-        rng = _derived_rng("request", seed, split, index)
-        for j in range(per_user):
-            query_t, response_t = rng.choice(REQUEST_TEMPLATES)
-            values = dict(traits, when=rng.choice(WHEN), friend=rng.choice(FRIENDS))
-            response, spans = _render(response_t, values, set(traits))
-            records.append(
-                PersonaRecord(
-                    user_id=persona.user_id,
-                    task=TASK,
-                    query=query_t.format(**values),
-                    response=response,
-                    profile=[dict(item) for item in profile],
-                    record_id=f"synthetic-{split}-{persona.user_id}-{j:02d}",
-                    persona_spans=spans,
-                )
-            )
+        rng = derived_rng("request", seed, split, index)
+        records += request_records(
+            rng, per_user, REQUEST_TEMPLATES, traits, set(traits),
+            user_id=persona.user_id, task=TASK, profile=profile, record_id_prefix=f"synthetic-{split}",
+        )  # fmt: skip
     return records
 
 
@@ -247,8 +189,6 @@ def split_records(syn: Any, split: str) -> list[PersonaRecord]:
     """The records of a split ("train", "eval", "test") of the task data.synthetic selects (`syn`: its section)."""
     per_user = syn.train_per_user if split == "train" else syn.eval_per_user
     if syn.task == "persona_natural":
-        from perce_ds.data import synthetic_natural
-
         return synthetic_natural.generate_records(syn.users, syn.eval_users, per_user, syn.seed, split)
     return generate_records(syn.users, per_user, syn.seed, split)
 

@@ -19,30 +19,21 @@ hit a ceiling (METHOD.md, "Persona data for pretrained models"). Pure Python, se
 from __future__ import annotations
 
 import random
-import string
 from dataclasses import dataclass
 
 from perce_ds.data.records import PersonaRecord
-from perce_ds.data.synthetic import _balanced, _derived_rng, _render
+from perce_ds.data.synthetic_base import NAMES, PET_NAMES, SIGN_OFFS, balanced, derived_rng, request_records
 
 TASK = "synthetic_persona_natural"
 SPLITS = ("train", "eval", "test")
 COPY, INFER = "copy", "infer"
 
-NAMES = (
-    "Ana", "Ben", "Cleo", "Dev", "Elif", "Finn", "Gita", "Hugo", "Ines", "Jonah", "Kofi", "Lena", "Mira",
-    "Nico", "Omar", "Priya", "Quinn", "Rosa", "Soren", "Tara", "Umar", "Vera", "Wes", "Yara", "Zane",
-)  # fmt: skip
 # city -> its country (the country is inferable from the city)
 CITIES = {
     "Lisbon": "Portugal", "Osaka": "Japan", "Dublin": "Ireland", "Krakow": "Poland", "Bergen": "Norway",
     "Adelaide": "Australia", "Halifax": "Canada", "Seville": "Spain", "Munich": "Germany", "Lyon": "France",
     "Florence": "Italy", "Athens": "Greece",
 }  # fmt: skip
-PET_NAMES = (
-    "Biscuit", "Pepper", "Mochi", "Waffles", "Luna", "Ziggy", "Noodle", "Pickles", "Maple", "Olive",
-    "Pudding", "Bruno", "Socks", "Tofu", "Juniper", "Clover",
-)  # fmt: skip
 # pet kind -> what such a pet does (the kind is inferable from the behaviour)
 PET_SIGNS = {
     "dog": ("barked at the postman all morning", "fetched the same stick forty times in the park"),
@@ -75,12 +66,6 @@ HOBBIES = (
     "painting", "gardening", "cycling", "knitting", "fishing", "hiking", "swimming", "baking", "climbing",
     "sailing", "running", "dancing",
 )  # fmt: skip
-SIGN_OFFS = (
-    "Cheers", "Warmly", "Take care", "All the best", "Hugs", "Peace out", "Kind regards", "Ciao",
-    "Stay curious", "Onwards",
-)  # fmt: skip
-WHEN = ("last week", "yesterday", "on Sunday", "last month", "on Friday night", "two days ago")
-FRIENDS = ("Sam", "Jo", "Alex", "Kim", "Pat", "Lee", "Robin", "Casey")
 
 KINDS = {
     "name": COPY, "city": COPY, "pet_name": COPY, "hobby": COPY, "sign_off": COPY,
@@ -156,21 +141,21 @@ def make_personas(n_users: int, seed: int) -> list[NaturalPersona]:
         raise ValueError(f"n_users must be >= 0, got {n_users}")
     rng = random.Random(seed)
     cols = {
-        "name": _balanced(rng, NAMES, n_users),
-        "city": _balanced(rng, tuple(CITIES), n_users),
-        "pet_name": _balanced(rng, PET_NAMES, n_users),
-        "pet_kind": _balanced(rng, tuple(PET_SIGNS), n_users),
-        "cuisine": _balanced(rng, tuple(CUISINES), n_users),
-        "profession": _balanced(rng, tuple(PROFESSIONS), n_users),
-        "hobby": _balanced(rng, HOBBIES, n_users),
-        "sign_off": _balanced(rng, SIGN_OFFS, n_users),
+        "name": balanced(rng, NAMES, n_users),
+        "city": balanced(rng, tuple(CITIES), n_users),
+        "pet_name": balanced(rng, PET_NAMES, n_users),
+        "pet_kind": balanced(rng, tuple(PET_SIGNS), n_users),
+        "cuisine": balanced(rng, tuple(CUISINES), n_users),
+        "profession": balanced(rng, tuple(PROFESSIONS), n_users),
+        "hobby": balanced(rng, HOBBIES, n_users),
+        "sign_off": balanced(rng, SIGN_OFFS, n_users),
     }
     return [NaturalPersona(user_id=f"n{i:03d}", **{k: v[i] for k, v in cols.items()}) for i in range(n_users)]
 
 
 def profile_items(persona: NaturalPersona, seed: int) -> list[dict[str, str]]:
     """Five natural past posts: copyable values verbatim, inferable ones only through evidence."""
-    rng = _derived_rng("natural-profile", seed, persona.user_id)
+    rng = derived_rng("natural-profile", seed, persona.user_id)
     p = persona
     signs = PET_SIGNS[p.pet_kind]
     dishes = CUISINES[p.cuisine]
@@ -207,28 +192,9 @@ def generate_records(
     records = []
     for persona in split_users(split, users, eval_users, seed):
         profile = profile_items(persona, seed)
-        rng = _derived_rng("natural-request", seed, split, persona.user_id)
-        for j in range(per_user):
-            query_t, response_t = rng.choice(REQUEST_TEMPLATES)
-            values = dict(persona.values(), when=rng.choice(WHEN), friend=rng.choice(FRIENDS))
-            response, spans, kinds = _render_with_kinds(response_t, values)
-            records.append(
-                PersonaRecord(
-                    user_id=persona.user_id,
-                    task=TASK,
-                    query=query_t.format(**values),
-                    response=response,
-                    profile=[dict(item) for item in profile],
-                    record_id=f"natural-{split}-{persona.user_id}-{j:02d}",
-                    persona_spans=spans,
-                    persona_span_kinds=kinds,
-                )
-            )
+        rng = derived_rng("natural-request", seed, split, persona.user_id)
+        records += request_records(
+            rng, per_user, REQUEST_TEMPLATES, persona.values(), set(KINDS),
+            user_id=persona.user_id, task=TASK, profile=profile, record_id_prefix=f"natural-{split}", span_kinds=KINDS,
+        )  # fmt: skip
     return records
-
-
-def _render_with_kinds(template: str, values: dict[str, str]) -> tuple[str, list[list[int]], list[str]]:
-    """The filled template, the spans of persona values and each span's kind, in text order."""
-    text, spans = _render(template, values, set(KINDS))
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None and f in KINDS]
-    return text, spans, [KINDS[f] for f in fields]
