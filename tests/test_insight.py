@@ -10,32 +10,33 @@ import pytest
 import torch
 
 from perce_ds import insight
+from perce_ds.evaluation.metrics import best_threshold, marking_scores
 
 
 def test_marking_scores_by_hand():
     pir = [np.array([2.0, -1.0, 0.5]), np.array([0.1, -0.2])]
     truth = [[True, False, True], [False, True]]
-    s = insight.marking_scores(pir, truth, 0.0)
+    s = marking_scores(pir, truth, 0.0)
     # predicted: T F T | T F ; tp = 2, fp = 1, fn = 1
     assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 3)
     assert s["f1"] == pytest.approx(2 / 3)
     base, q = 3 / 5, 3 / 5
     assert s["random_f1"] == pytest.approx(2 * base * q / (base + q))
-    assert insight.marking_scores(pir, truth, 10.0)["f1"] == 0.0
+    assert marking_scores(pir, truth, 10.0)["f1"] == 0.0
 
 
 def test_random_marking_f1_matches_simulation():
     rng = np.random.default_rng(0)
     y = rng.random(20000) < 0.2
     pir = [np.where(rng.random(20000) < 0.35, 1.0, -1.0)]  # marks 35% of tokens at random
-    s = insight.marking_scores(pir, [y.tolist()], 0.0)
+    s = marking_scores(pir, [y.tolist()], 0.0)
     assert s["f1"] == pytest.approx(s["random_f1"], abs=0.01)
 
 
 def test_best_threshold_finds_a_separating_cut():
     pir = [np.array([3.0, 2.5, 0.3, 0.2, 0.1])]
     truth = [[True, True, False, False, False]]
-    best = insight.best_threshold(pir, truth)
+    best = best_threshold(pir, truth)
     assert best["f1"] == 1.0 and 0.3 <= best["threshold"] < 2.5
     assert best["f1"] > best["random_f1"]
 
