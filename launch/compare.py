@@ -81,6 +81,8 @@ def _device():
 
 def token_compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) -> str:
     """Teacher-forced token table of the runs against the first, plus the starting model; write tokens.md/json."""
+    from perce_ds.data import pipeline
+    from perce_ds.data.tokenizer import load_tokenizer
     from perce_ds.evaluation import runs as runs_mod
     from perce_ds.evaluation import token_eval
     from perce_ds.evaluation.report import _per_record
@@ -90,11 +92,9 @@ def token_compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) ->
         other = runs_mod.load_run_config(r)
         if other.data != cfg.data or other.model.name_or_path != cfg.model.name_or_path:
             raise SystemExit(f"error: {r} was trained on other data or from another model than {runs[0]}")
-    from perce_ds.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(runs_mod.resolve_model_dir(runs[0], None))
     records = runs_mod.split_records(cfg, "eval")
-    examples, _ = runs_mod.tokenize_for_eval(records, tokenizer, runs_mod.prompt_settings(cfg))
+    examples, _ = runs_mod.tokenize_for_eval(records, tokenizer, pipeline.prompt_settings(cfg))
     meta = {"split": "eval", "n_records": len(records)}
     init_dir = Path(cfg.model.name_or_path) if cfg.model.name_or_path else runs[0] / "hf_init"
     if not (init_dir / "config.json").is_file():

@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def parse_task_tokens(values: list[str]) -> dict[str, int]:
     """["task=N", ...] -> {task: N}."""

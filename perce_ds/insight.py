@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from perce_ds.data.pipeline import prompt_settings
 from perce_ds.data.prompts import TokenizedExample, render_profile_item
 from perce_ds.data.tokenizer import load_tokenizer
 from perce_ds.evaluation import runs
@@ -153,7 +154,7 @@ def run_insight(
     tokenizer = load_tokenizer(model_dir)
     records = runs.split_records(cfg, split)
     records = records[:limit] if limit else records
-    examples, _ = runs.tokenize_for_eval(records, tokenizer, runs.prompt_settings(cfg))
+    examples, _ = runs.tokenize_for_eval(records, tokenizer, prompt_settings(cfg))
     truth = [e.persona_token_mask for e in examples]
     lm = runs.load_plain_model(model_dir, torch.float32, torch.device("cpu"))
     pir_after = token_pir(lm, examples, tokenizer.pad_token_id)

@@ -146,7 +146,9 @@ def chunked_token_logprobs(
 
 
 @torch.no_grad()
-def chunked_argmax_hits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024):
+def chunked_argmax_hits(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
     """Whether each target is the argmax of the same fp32 logits `chunked_token_logprobs` forms ([N] bool),
     `chunk_size` rows at a time: teacher-forced accuracy without a [batch, seq, vocab] tensor."""
     hits = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from perce_ds.data import pipeline
 from perce_ds.evaluation import generation, runs
 from perce_ds.evaluation.evaluate import EvalOptions, evaluate_run
 from perce_ds.evaluation.generation import GenerationSettings, GenItem, plan_batches, read_generations, run_generation
@@ -30,7 +31,7 @@ def model_and_items(tiny_run):
     lm = AutoModelForCausalLM.from_pretrained(tiny_run / "hf", dtype=torch.float32).eval()
     cfg = runs.load_run_config(tiny_run)
     records = runs.split_records(cfg, "test")
-    examples, _ = runs.tokenize_for_eval(records, tok, runs.prompt_settings(cfg))
+    examples, _ = runs.tokenize_for_eval(records, tok, pipeline.prompt_settings(cfg))
     return lm, tok, records, runs.gen_items(records, examples, ablated=False)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from perce_ds.data.pipeline import resolve_tokenizer
+from perce_ds.data.pipeline import prompt_settings, resolve_tokenizer
 from perce_ds.data.tokenizer import load_tokenizer
 from perce_ds.distributed import apply_slurm_env, init_process_group
 from perce_ds.evaluation import report, runs
@@ -131,7 +131,7 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
     records = runs.split_records(cfg, opts.split, opts.data, opts.tasks, require_response=not opts.predict_only)
     if opts.limit:
         records = records[: opts.limit]
-    examples, relaxed = runs.tokenize_for_eval(records, tokenizer, runs.prompt_settings(cfg))
+    examples, relaxed = runs.tokenize_for_eval(records, tokenizer, prompt_settings(cfg))
     items = runs.gen_items(records, examples, opts.ablated)
     out_dir = run_dir / "eval" / opts.output_name()
     meta = {

@@ -100,11 +100,6 @@ def _task_split_records(cfg: RunConfig, split: str, require_response: bool = Tru
     return records
 
 
-def prompt_settings(cfg: RunConfig) -> PromptSettings:
-    """The PromptSettings the run trained with (the data pipeline's own, when it defines them)."""
-    return pipeline.prompt_settings(cfg)
-
-
 def tokenize_for_eval(
     records: list[PersonaRecord], tokenizer: Any, settings: PromptSettings
 ) -> tuple[list[TokenizedExample], int]:
