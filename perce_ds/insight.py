@@ -26,15 +26,13 @@ from perce_ds.data.tokenizer import load_tokenizer
 from perce_ds.evaluation import runs
 from perce_ds.evaluation.metrics import best_threshold, marking_scores
 from perce_ds.evaluation.report import plot_pir_histograms
-from perce_ds.evaluation.teacher_forced import teacher_forced
-from perce_ds.model import PerceLM, build_causal_lm
+from perce_ds.evaluation.teacher_forced import score_plain_model
+from perce_ds.model import build_causal_lm
 
 
 def token_pir(lm: Any, examples: list[TokenizedExample], pad_id: int, batch_size: int = 8) -> list[np.ndarray]:
     """PIR of every response token (EOS included) of each example, with a plain (unsharded) model."""
-    module = PerceLM(lm).eval()
-    device = next(lm.parameters()).device
-    return [s.pir for s in teacher_forced(module, examples, pad_id, batch_size, device)]
+    return [s.pir for s in score_plain_model(lm, examples, pad_id, batch_size)]
 
 
 def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:

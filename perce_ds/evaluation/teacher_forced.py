@@ -17,6 +17,7 @@ import torch
 from perce_ds.data.collate import collate
 from perce_ds.data.order import shard_batches
 from perce_ds.data.prompts import TokenizedExample
+from perce_ds.model import PerceLM
 
 
 @dataclass
@@ -67,6 +68,14 @@ def teacher_forced(
         hits = split_rows(passes["hits"].cpu(), mask) if with_hits else [None] * len(idx)
         out += [ScoredExample(i, c, a, h) for i, k, c, a, h in zip(idx, keep, cond, abl, hits) if k]
     return out
+
+
+def score_plain_model(
+    lm: Any, examples: list[TokenizedExample], pad_id: int, batch_size: int = 8, with_hits: bool = False
+) -> list[ScoredExample]:
+    """`teacher_forced` for a plain (unsharded) HF causal LM in one process: wrapped in PerceLM, in eval mode."""
+    module = PerceLM(lm).eval()
+    return teacher_forced(module, examples, pad_id, batch_size, next(lm.parameters()).device, with_hits=with_hits)
 
 
 def pir_sums(scored: list[ScoredExample], examples: list[TokenizedExample]) -> torch.Tensor:

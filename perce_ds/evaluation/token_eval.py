@@ -25,8 +25,7 @@ import numpy as np
 from perce_ds.data.prompts import TokenizedExample, response_token_ids
 from perce_ds.data.records import PersonaRecord
 from perce_ds.evaluation.metrics import best_threshold, marking_scores
-from perce_ds.evaluation.teacher_forced import teacher_forced
-from perce_ds.model import PerceLM
+from perce_ds.evaluation.teacher_forced import score_plain_model
 
 OTHER = "other"
 PERSONA_CLASSES = ("persona", "copy", "infer")  # "persona": every ground-truth persona token, whatever its kind
@@ -65,9 +64,7 @@ def score_tokens(
     batch_size: int = 8,
 ) -> list[RecordTokens]:
     """RecordTokens for each (record, example) pair, with a plain (unsharded) model in eval mode."""
-    module = PerceLM(lm).eval()
-    scored = teacher_forced(module, examples, tokenizer.pad_token_id, batch_size, next(lm.parameters()).device,
-                            with_hits=True)  # fmt: skip
+    scored = score_plain_model(lm, examples, tokenizer.pad_token_id, batch_size, with_hits=True)
     return [
         RecordTokens(examples[s.index].record_id, token_kinds(tokenizer, records[s.index], examples[s.index]),
                      s.logp.tolist(), s.logp_ablated.tolist(), s.hits.tolist())
