@@ -341,13 +341,7 @@ class Trainer:
 
         self.engine.train()
         if self.cfg.train.save_init_model and self.start_step == 0:
-            checkpoint.export_hf(
-                self.module.lm,
-                self.tokenizer,
-                self.run_dir / "hf_init",
-                self.is_rank0,
-                checkpoint.model_card(self.cfg, self.total_steps, self.world),
-            )
+            self._export_hf("hf_init")
         stop = StopRequest(self.cfg.train.max_wall_time)
         end = self.total_steps
         if self.cfg.train.stop_after:
@@ -386,19 +380,18 @@ class Trainer:
         if self.cfg.train.final_generation_eval and self.data.eval:
             evaluation |= self._generation_eval()
         if self.cfg.train.export_hf:
-            checkpoint.export_hf(
-                self.module.lm,
-                self.tokenizer,
-                self.run_dir / "hf",
-                self.is_rank0,
-                checkpoint.model_card(self.cfg, self.total_steps, self.world),
-            )
+            self._export_hf("hf")
         summary = self._summary(last)
         summary["eval"] = evaluation
         if self.is_rank0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
         return summary
+
+    def _export_hf(self, folder: str) -> None:
+        """<run_dir>/<folder>: the model as a Hugging Face folder (a collective: every rank calls it)."""
+        card = checkpoint.model_card(self.cfg, self.total_steps, self.world)
+        checkpoint.export_hf(self.module.lm, self.tokenizer, self.run_dir / folder, self.is_rank0, card)
 
     def _evaluate_and_log(self, step: int) -> dict[str, Any]:
         evaluation = self.evaluate()
