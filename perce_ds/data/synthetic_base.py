@@ -45,10 +45,12 @@ def derived_rng(*parts: object) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def render(template: str, values: dict[str, str], persona_keys: set[str]) -> tuple[str, list[list[int]]]:
-    """Fill template piece by piece; return the text and the [start, end) spans of persona fields."""
+def render(template: str, values: dict[str, str], persona_keys: set[str]) -> tuple[str, list[list[int]], list[str]]:
+    """Fill template piece by piece; return the text, the [start, end) spans of persona fields and each span's
+    field name."""
     pieces: list[str] = []
     spans: list[list[int]] = []
+    span_fields: list[str] = []
     pos = 0
     for literal, field_name, _spec, _conv in string.Formatter().parse(template):
         pieces.append(literal)
@@ -58,9 +60,10 @@ def render(template: str, values: dict[str, str], persona_keys: set[str]) -> tup
         value = values[field_name]
         if field_name in persona_keys and value:
             spans.append([pos, pos + len(value)])
+            span_fields.append(field_name)
         pieces.append(value)
         pos += len(value)
-    return "".join(pieces), spans
+    return "".join(pieces), spans, span_fields
 
 
 def request_records(
@@ -86,11 +89,8 @@ def request_records(
     for j in range(per_user):
         query_t, response_t = rng.choice(templates)
         values = dict(traits, when=rng.choice(WHEN), friend=rng.choice(FRIENDS))
-        response, spans = render(response_t, values, persona_keys)
-        kinds = []
-        if span_kinds:
-            fields = [f for _, f, _, _ in string.Formatter().parse(response_t) if f is not None and f in span_kinds]
-            kinds = [span_kinds[f] for f in fields]
+        response, spans, span_fields = render(response_t, values, persona_keys)
+        kinds = [span_kinds[f] for f in span_fields] if span_kinds else []
         records.append(
             PersonaRecord(
                 user_id=user_id,
