@@ -43,15 +43,36 @@ def test_scores_match_the_training_pass(setup):
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024))  # fmt: skip
+    # A random model's argmax is never the token, so "correct" would only ever compare False with False: fit the
+    # conditioned sequences a little, so that some response tokens are predicted and some are not.
+    opt = torch.optim.Adam(lm.parameters(), lr=1e-2)
+    for _ in range(15):
+        for ex in examples:
+            ids = torch.tensor([ex.cond_prompt_ids + ex.response_ids])
+            lm(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    lm.eval()
     rows = token_eval.score_tokens(lm, tok, records, examples, batch_size=2)  # 2 batches, padded differently
     pir = token_pir(lm, examples, tok.pad_token_id)  # PerceLM, as training computes it
+    hits = [c for row in rows for c in row.correct]
+    assert 0.1 * len(hits) < sum(hits) < 0.9 * len(hits), (sum(hits), len(hits))  # both outcomes are compared
     for row, ex, p in zip(rows, examples, pir):
         assert np.allclose(np.asarray(row.logp) - np.asarray(row.logp_ablated), p, atol=1e-4)
         with torch.no_grad():
             ids = torch.tensor([ex.cond_prompt_ids + ex.response_ids])
             logits = lm(input_ids=ids).logits[0, len(ex.cond_prompt_ids) - 1 : -1]
-        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ex.response_ids)[:, None])[:, 0]
+            abl_ids = torch.tensor([ex.abl_prompt_ids + ex.response_ids])
+            abl_logits = lm(input_ids=abl_ids).logits[0, len(ex.abl_prompt_ids) - 1 : -1]
+        targets = torch.tensor(ex.response_ids)[:, None]
+        ref = torch.log_softmax(logits, -1).gather(-1, targets)[:, 0]
+        ref_abl = torch.log_softmax(abl_logits, -1).gather(-1, targets)[:, 0]
+        assert (ref - ref_abl).abs().max() > 0.1  # the profile changes the log-probs: the ablated pass is compared
         assert np.allclose(row.logp, ref.numpy(), atol=1e-4)
+        assert np.allclose(row.logp_ablated, ref_abl.numpy(), atol=1e-4)
+        # The argmax comparison is not at float rounding: the best two logits differ by far more than 1e-4.
+        top2 = logits.topk(2, -1).values
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
         assert row.correct == (logits.argmax(-1) == torch.tensor(ex.response_ids)).tolist()
 
 
