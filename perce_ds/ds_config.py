@@ -8,13 +8,36 @@ left over is an error naming its key.
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from perce_ds.config import ConfigError, RunConfig
+
+log = logging.getLogger("perce_ds")
+
+
+@functools.cache
+def fused_adam_needs_jit() -> bool:
+    """True unless DeepSpeed was installed with its FusedAdam op prebuilt (DS_BUILD_FUSED_ADAM=1)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return True
+    return not installed_ops.get("fused_adam", False)
+
+
+@functools.cache
+def jit_toolchain_available() -> bool:
+    """A CUDA compiler DeepSpeed's JIT op builder can use: nvcc on PATH or under $CUDA_HOME."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    return bool(shutil.which("nvcc") or (cuda_home and Path(cuda_home, "bin", "nvcc").is_file()))
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -67,6 +90,8 @@ def resolve_ds_config(
     if is_adam and not torch.cuda.is_available():
         # FusedAdam/CPUAdam JIT-compile for a minute; on a CPU-only machine plain torch AdamW is the right tool.
         params.setdefault("torch_adam", True)
+    elif is_adam and "offload_optimizer" not in ds.get("zero_optimization", {}):
+        _choose_gpu_adam(params)
 
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     h2 = hidden_size * hidden_size
@@ -82,6 +107,23 @@ def resolve_ds_config(
     if leftover:
         raise ConfigError(f'DeepSpeed config still has "auto" at {leftover}: perce_ds does not know how to resolve it')
     return ds
+
+
+def _choose_gpu_adam(params: dict[str, Any]) -> None:
+    """On CUDA DeepSpeed's AdamW is FusedAdam, JIT-built with nvcc at start-up unless prebuilt. Without a
+    compiler that build fails deep inside deepspeed.initialize; torch's AdamW (`torch_adam`, foreach kernels)
+    needs no build and computes the same update."""
+    if not fused_adam_needs_jit() or jit_toolchain_available():
+        return
+    if params.get("torch_adam") is False:
+        raise ConfigError(
+            "the DeepSpeed config sets optimizer.params.torch_adam=false, but DeepSpeed's FusedAdam is not prebuilt "
+            "here and no nvcc is found (PATH, $CUDA_HOME) to JIT-build it: remove the key (torch's AdamW is then "
+            "used), install the CUDA toolkit, or install deepspeed with DS_BUILD_FUSED_ADAM=1"
+        )
+    if "torch_adam" not in params:
+        params["torch_adam"] = True
+        log.info("optimizer: torch.optim.AdamW (DeepSpeed's FusedAdam would need nvcc to JIT-build; none found)")
 
 
 def _find_auto(node: Any, prefix: str) -> str:

@@ -332,6 +332,51 @@ def test_resolve_shipped_configs(recipe, name, dtype):
     assert ds["steps_per_print"] == raw["steps_per_print"]
 
 
+@pytest.mark.parametrize(
+    ("prebuilt", "nvcc", "user", "want"),
+    [
+        (False, False, None, True),  # CUDA, no nvcc, FusedAdam not prebuilt: torch's AdamW, no JIT build
+        (False, True, None, None),  # nvcc there: DeepSpeed's FusedAdam (JIT-built), key left unset
+        (True, False, None, None),  # FusedAdam prebuilt: needs no compiler
+        (False, False, True, True),  # the user's explicit choice runs
+        (False, False, False, "error"),  # explicit FusedAdam that cannot be built: refused, naming the key
+    ],
+)
+def test_gpu_optimizer_needs_no_jit_build_without_nvcc(recipe, monkeypatch, prebuilt, nvcc, user, want):
+    import perce_ds.ds_config as dsc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dsc, "fused_adam_needs_jit", lambda: not prebuilt)
+    monkeypatch.setattr(dsc, "jit_toolchain_available", lambda: nvcc)
+    raw = load_ds_config(DS_DIR / "zero3.json")
+    if user is not None:
+        raw["optimizer"]["params"]["torch_adam"] = user
+    if want == "error":
+        with pytest.raises(ConfigError, match="torch_adam"):
+            resolve_ds_config(raw, _run_cfg(recipe), world_size=1, hidden_size=8, dtype=torch.bfloat16)
+        return
+    ds = resolve_ds_config(raw, _run_cfg(recipe), world_size=1, hidden_size=8, dtype=torch.bfloat16)
+    assert ds["optimizer"]["params"].get("torch_adam") is want
+    offload = load_ds_config(DS_DIR / "zero3_offload.json")  # ZeRO-Offload keeps DeepSpeed's CPU Adam
+    ds = resolve_ds_config(offload, _run_cfg(recipe), world_size=1, hidden_size=8, dtype=torch.bfloat16)
+    assert "torch_adam" not in ds["optimizer"]["params"]
+
+
+def test_jit_toolchain_detection_reads_path_and_cuda_home(tmp_path, monkeypatch):
+    import perce_ds.ds_config as dsc
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    dsc.jit_toolchain_available.cache_clear()
+    assert dsc.jit_toolchain_available() is False
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    (tmp_path / "cuda" / "bin" / "nvcc").write_text("")
+    dsc.jit_toolchain_available.cache_clear()
+    assert dsc.jit_toolchain_available() is True
+    dsc.jit_toolchain_available.cache_clear()
+
+
 def test_resolve_world_size_scales_batch(recipe):
     raw = load_ds_config(DS_DIR / "zero3.json")
     cfg = _run_cfg(recipe)
