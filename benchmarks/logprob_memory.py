@@ -19,11 +19,13 @@ a small warm-up call is made, then the peak window opens. Peak memory = high-wat
 when the window opened, i.e. everything the forward + backward allocate, gradients included (`grad_bytes`
 shows how much of it is the unavoidable gradients). CPU: VmHWM reset via /proc/self/clear_refs, with
 MALLOC_MMAP_THRESHOLD_=65536 so freed buffers return to the OS; GPU: `torch.cuda.max_memory_allocated`.
-Results are compared (log-probs, both gradients) and must agree to 1e-5 in fp32: for each tensor
-max|chunked - naive| <= 1e-5 * max(1, max|naive|) (absolute for values up to 1, relative to the tensor's scale
-beyond: a log-prob of -20 carries fp32 rounding of ~2e-6, a gradient entry of 20 summed over 150k vocabulary
-entries ~1e-5). Inputs give logits of standard deviation ~2, like a trained LM. A bf16 run is timed and
-measured but compared only in an fp32 run.
+Results are compared in fp32 (log-probs, both gradients) against an exact float64 computation from the same
+inputs: the chunked path must be as accurate as the textbook one, max|chunked - exact| <= max(2 max|naive -
+exact|, 8 u max(1, max|exact|)) per tensor (u = 2^-24, fp32's unit roundoff; the floor covers a naive error
+that happens to be tiny). A fixed 1e-5 is not a bound of the arithmetic: the hidden-state gradient sums 150k
+vocabulary terms, whose fp32 rounding depends on the summation order (cuBLAS on an H200 gave 1.3e-5 of the
+tensor's scale for both paths alike). max|chunked - naive| is reported beside it. Inputs give logits of standard
+deviation ~2, like a trained LM. A bf16 run is timed and measured but compared only in an fp32 run.
 
 The default CPU size is N = 2,048 tokens with chunk 512 (the full size is 4,096 tokens with the engine's
 default chunk 1,024: the same N / chunk = 4, so the memory ratio carries over) and H = 256 (Qwen3-4B has
@@ -55,7 +57,7 @@ from benchmarks.common import (
 
 VOCABS = (151936, 128256)  # Qwen3, Llama 3
 FULL_TOKENS = 4096
-TOLERANCE = 1e-5
+FP32_UNIT_ROUNDOFF = 2.0**-24
 MEM_TARGET = 4.0  # chunked peak >= 4x lower than naive at vocab 151,936
 
 
@@ -154,21 +156,46 @@ def launch_worker(args: argparse.Namespace, method: str, vocab: int, chunk: int,
     return result
 
 
-def compare(test_path: str, ref_path: str) -> dict[str, Any]:
-    """Max absolute difference of log-probs and both gradients, and whether each is within TOLERANCE
-    of the reference's scale (max|a - b| <= TOLERANCE * max(1, max|b|))."""
+def exact_reference(args: argparse.Namespace, vocab: int, path: Path) -> str:
+    """Log-probs and both gradients of the benchmark's loss in float64 from the same inputs (row chunks of 512,
+    so the [N, V] float64 logits never exist whole); saved like a worker's results."""
     import torch
 
-    a, b = torch.load(test_path), torch.load(ref_path)
+    device = torch.device(args.device)
+    h, w, t, lw = (x.detach() for x in make_inputs(args.tokens, args.hidden, vocab, torch.float32, device))
+    h, w, lw = h.double(), w.double(), lw.double()
+    logp, grad_h, grad_w = torch.empty_like(lw), torch.empty_like(h), torch.zeros_like(w)
+    for i in range(0, h.shape[0], 512):
+        rows = slice(i, i + 512)
+        log_softmax = torch.log_softmax(h[rows] @ w.t(), dim=-1)
+        logp[rows] = log_softmax.gather(1, t[rows, None]).squeeze(1)
+        # loss = -sum(lw * logp): d loss / d logits = lw * (softmax - onehot)
+        g = log_softmax.exp_().mul_(lw[rows, None])
+        g[torch.arange(g.shape[0], device=device), t[rows]] -= lw[rows]
+        grad_h[rows] = g @ w
+        grad_w += g.t() @ h[rows]
+    torch.save({"logp": logp.cpu(), "grad_hidden": grad_h.cpu(), "grad_weight": grad_w.cpu()}, path)
+    return str(path)
+
+
+def compare(test_path: str, naive_path: str, exact_path: str) -> dict[str, Any]:
+    """Per tensor: max|test - naive| (reported) and whether the test path is as close to the exact values as the
+    naive one (max|test - exact| <= max(2 max|naive - exact|, 8 u scale), u = fp32 unit roundoff)."""
+    import torch
+
+    a, b, x = torch.load(test_path), torch.load(naive_path), torch.load(exact_path)
     out: dict[str, Any] = {}
     agree = True
     for k in ("logp", "grad_hidden", "grad_weight"):
-        diff = float((a[k] - b[k]).abs().max())
-        scale = max(1.0, float(b[k].abs().max()))
-        out[f"max_abs_diff_{k}"] = diff
-        out[f"scaled_diff_{k}"] = diff / scale
-        agree = agree and diff <= TOLERANCE * scale
-    out["agree_1e-5"] = agree
+        exact = x[k]
+        scale = max(1.0, float(exact.abs().max()))
+        err_test = float((a[k].double() - exact).abs().max())
+        err_naive = float((b[k].double() - exact).abs().max())
+        out[f"max_abs_diff_{k}"] = float((a[k] - b[k]).abs().max())
+        out[f"scaled_err_{k}"] = err_test / scale
+        out[f"scaled_err_naive_{k}"] = err_naive / scale
+        agree = agree and err_test <= max(2 * err_naive, 8 * FP32_UNIT_ROUNDOFF * scale)
+    out["agrees"] = agree
     return out
 
 
@@ -189,6 +216,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         workdir = Path(tmp)
         for vocab in args.vocabs:
             naive = launch_worker(args, "naive", vocab, 0, workdir)
+            exact = exact_reference(args, vocab, workdir / f"exact-{vocab}.pt") if args.dtype == "fp32" else ""
             runs = [("naive", None, naive)]
             runs += [(m, c, launch_worker(args, m, vocab, c, workdir)) for m in args.methods for c in args.chunks]
             for method, chunk, r in runs:
@@ -203,7 +231,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                     "token_scale": args.tokens / FULL_TOKENS,
                 }  # fmt: skip
                 if method != "naive" and args.dtype == "fp32":
-                    row.update(compare(r["saved"], naive["saved"]))
+                    row.update(compare(r["saved"], naive["saved"], exact))
                 rows.append(row)
     info = machine_info()
     print(
@@ -223,13 +251,18 @@ def orchestrate(args: argparse.Namespace) -> int:
                   f"{r['mem_reduction_vs_naive']:.2f}x -> {'MET' if met else 'NOT MET'} "
                   f"(without the gradients both paths must return: "
                   f"{_ratio_without_grads(rows, r):.2f}x)")  # fmt: skip
-        if "agree_1e-5" in r and r["method"] == "chunked":
-            print(f"vocab {r['vocab']}, chunk {r['chunk']}: chunked == naive to {TOLERANCE:g}: {r['agree_1e-5']}")
+        if "agrees" in r:
+            errs = ", ".join(f"{k} {r[f'scaled_err_{k}']:.1e} (naive {r[f'scaled_err_naive_{k}']:.1e})"
+                             for k in ("logp", "grad_hidden", "grad_weight"))  # fmt: skip
+            print(
+                f"vocab {r['vocab']}, chunk {r['chunk']}: as accurate as naive against float64: {r['agrees']} "
+                f"(error / scale: {errs})"
+            )
     if args.json:
         write_json(args.json, rows)
-    bad = [r for r in rows if r.get("agree_1e-5") is False]
+    bad = [r for r in rows if r.get("agrees") is False]
     if bad:
-        print(f"ERROR: results differ by more than {TOLERANCE:g}", file=sys.stderr)
+        print("ERROR: the chunked path is less accurate than the naive one against float64", file=sys.stderr)
         return 1
     return 0
 

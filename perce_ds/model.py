@@ -200,12 +200,17 @@ class PerceLM(nn.Module):
         transformers' enable also registers an input-embedding hook each time it is called (and drops the
         old handle), so passes that only need it off for a while use `activation_checkpointing_paused`.
         """
-        if enabled == self.lm.is_activation_checkpointing:
+        # transformers renamed gradient_checkpointing_* to activation_checkpointing_* during 5.x (5.17 has only
+        # the old names, 5.25 both): use whichever this install has.
+        renamed = hasattr(self.lm, "activation_checkpointing_enable")
+        if enabled == (self.lm.is_activation_checkpointing if renamed else self.lm.is_gradient_checkpointing):
             return
-        if enabled:
+        if enabled and renamed:
             self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enabled:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.lm.activation_checkpointing_disable()
+            (self.lm.activation_checkpointing_disable if renamed else self.lm.gradient_checkpointing_disable)()
 
     @contextlib.contextmanager
     def activation_checkpointing_paused(self) -> Iterator[None]:

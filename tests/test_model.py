@@ -216,6 +216,28 @@ def test_position_ids_from_mask_left_padded():
 # activation checkpointing
 
 
+def test_activation_checkpointing_toggle_with_the_pre_rename_transformers_api(sp_tokenizer, monkeypatch):
+    """transformers 5.17 (the lent GPU image's) has only gradient_checkpointing_*: the toggle must work there too
+    (it failed on that GPU with AttributeError: no is_activation_checkpointing)."""
+    from transformers import PreTrainedModel
+
+    # This install's implementation under the old names only, as transformers 5.17 has them.
+    p = PreTrainedModel
+    impl_enable, impl_disable = p._activation_checkpointing_enable, p._activation_checkpointing_disable
+    monkeypatch.setattr(p, "is_gradient_checkpointing", p.__dict__["is_activation_checkpointing"])
+    monkeypatch.setattr(p, "gradient_checkpointing_enable", lambda self, gradient_checkpointing_kwargs=None: impl_enable(self, gradient_checkpointing_kwargs))  # fmt: skip
+    monkeypatch.setattr(p, "gradient_checkpointing_disable", lambda self: impl_disable(self))
+    for name in ("is_activation_checkpointing", "activation_checkpointing_enable", "activation_checkpointing_disable"):
+        monkeypatch.delattr(p, name)
+    lm = PerceLM(make_lm("qwen3", sp_tokenizer)).train()
+    layers = lm.lm.model.layers
+    assert not lm.lm.is_gradient_checkpointing and not any(layer.gradient_checkpointing for layer in layers)
+    lm.set_activation_checkpointing(True)
+    assert lm.lm.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in layers)
+    lm.set_activation_checkpointing(False)
+    assert not lm.lm.is_gradient_checkpointing and not any(layer.gradient_checkpointing for layer in layers)
+
+
 def test_activation_checkpointing_toggle_and_gradients(sp_tokenizer, batch_examples):
     model = make_lm("qwen3", sp_tokenizer)  # own model: toggling must not leak into other tests
     lm = PerceLM(model).train()
