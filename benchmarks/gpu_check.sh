@@ -30,7 +30,7 @@
 #      from bf16 inputs, packing refusal, and every other gpu-marked test file in tests/
 # Then one summary table. Exit status: 1 if any stage failed, else 0. Outputs land in $OUT
 # (default benchmarks/gpu_check_out/). Python: $PYTHON, else .venv/bin/python, else python3.
-# Optimizer: on CUDA without nvcc (and without a prebuilt FusedAdam) perce_ds's DeepSpeed config resolution picks
+# Optimizer: on CUDA, unless DeepSpeed ships FusedAdam prebuilt, perce_ds's DeepSpeed config resolution picks
 # torch's AdamW (`torch_adam`), which needs no JIT build; step_cost passes --torch-adam for the same reason.
 
 set -uo pipefail

@@ -110,20 +110,21 @@ def resolve_ds_config(
 
 
 def _choose_gpu_adam(params: dict[str, Any]) -> None:
-    """On CUDA DeepSpeed's AdamW is FusedAdam, JIT-built with nvcc at start-up unless prebuilt. Without a
-    compiler that build fails deep inside deepspeed.initialize; torch's AdamW (`torch_adam`, foreach kernels)
-    needs no build and computes the same update."""
-    if not fused_adam_needs_jit() or jit_toolchain_available():
+    """On CUDA DeepSpeed's AdamW is FusedAdam, JIT-built with nvcc at start-up unless DeepSpeed was installed with
+    it prebuilt. That build costs about a minute on every fresh node and can fail outright: on the lent H200
+    image (nvcc 13.0, torch 2.11) DeepSpeed 0.19.8 could not parse the "9.0a" compute capability and died inside
+    deepspeed.initialize. torch's AdamW (`torch_adam`, foreach kernels) needs no build and computes the same
+    update, so it is the default there; a config that names torch_adam keeps its choice."""
+    if not fused_adam_needs_jit() or "torch_adam" in params:
+        if params.get("torch_adam") is False and fused_adam_needs_jit() and not jit_toolchain_available():
+            raise ConfigError(
+                "the DeepSpeed config sets optimizer.params.torch_adam=false, but DeepSpeed's FusedAdam is not "
+                "prebuilt here and no nvcc is found (PATH, $CUDA_HOME) to JIT-build it: remove the key (torch's "
+                "AdamW is then used), install the CUDA toolkit, or install deepspeed with DS_BUILD_FUSED_ADAM=1"
+            )
         return
-    if params.get("torch_adam") is False:
-        raise ConfigError(
-            "the DeepSpeed config sets optimizer.params.torch_adam=false, but DeepSpeed's FusedAdam is not prebuilt "
-            "here and no nvcc is found (PATH, $CUDA_HOME) to JIT-build it: remove the key (torch's AdamW is then "
-            "used), install the CUDA toolkit, or install deepspeed with DS_BUILD_FUSED_ADAM=1"
-        )
-    if "torch_adam" not in params:
-        params["torch_adam"] = True
-        log.info("optimizer: torch.optim.AdamW (DeepSpeed's FusedAdam would need nvcc to JIT-build; none found)")
+    params["torch_adam"] = True
+    log.info("optimizer: torch.optim.AdamW (DeepSpeed's FusedAdam is not prebuilt here; its JIT build is skipped)")
 
 
 def _find_auto(node: Any, prefix: str) -> str:

@@ -336,9 +336,10 @@ def test_resolve_shipped_configs(recipe, name, dtype):
     ("prebuilt", "nvcc", "user", "want"),
     [
         (False, False, None, True),  # CUDA, no nvcc, FusedAdam not prebuilt: torch's AdamW, no JIT build
-        (False, True, None, None),  # nvcc there: DeepSpeed's FusedAdam (JIT-built), key left unset
-        (True, False, None, None),  # FusedAdam prebuilt: needs no compiler
+        (False, True, None, True),  # nvcc there: still no JIT build by default (it failed on the H200 image)
+        (True, False, None, None),  # FusedAdam prebuilt: DeepSpeed's FusedAdam, nothing to build
         (False, False, True, True),  # the user's explicit choice runs
+        (False, True, False, False),  # explicit FusedAdam with nvcc: JIT-built as asked
         (False, False, False, "error"),  # explicit FusedAdam that cannot be built: refused, naming the key
     ],
 )
