@@ -34,7 +34,7 @@
 # torch's AdamW (`torch_adam`), which needs no JIT build; step_cost passes --torch-adam for the same reason.
 
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 MODE=gpu
 LARGE=0
@@ -66,7 +66,7 @@ LARGE_DEPS=(pyarrow pandas python-dateutil six tzdata)
 # prepare_bundle DIR PYVER ABI [large]: deepspeed's wheel + pinned wheels for python PYVER into DIR
 prepare_bundle() {
     local dir=$1 pyver=$2 abi=$3 large=$4
-    local version names=() pins=()
+    local names=() pins=()
     version() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
     mkdir -p "$dir"
     "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "deepspeed==$(version deepspeed)" || return 1
@@ -126,7 +126,8 @@ print("imported deepspeed", deepspeed.__version__, "| datasets", datasets.__vers
       pyarrow.__version__, "| psutil", psutil.__version__, "| perce_ds from", perce_ds.engine.__file__)
 print("resolved zero3.json: stage", ds["zero_optimization"]["stage"], "| optimizer", ds["optimizer"])
 EOF
-    echo "bundle OK: $(ls "$work/wheels" "$work/wheels/large" | grep -c '\.whl$') carried wheels (large tier included), installed offline over" \
+    wheels=("$work"/wheels/*.whl "$work"/wheels/large/*.whl)
+    echo "bundle OK: ${#wheels[@]} carried wheels (large tier included), installed offline over" \
          "$(wc -l < "$work/base.txt") base distributions"
     exit 0
 fi
