@@ -452,3 +452,56 @@ def test_logits_kernel_keeps_fp32_logits_for_low_precision_on_cuda():
     a = torch.empty(3, 8, dtype=torch.bfloat16, device="meta")
     b = torch.empty(5, 8, dtype=torch.bfloat16, device="meta")
     assert torch.mm(a, b.t(), out_dtype=torch.float32).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- loss.ce_mix
+
+
+def _spread_stats(n=400, seed=3, clip_min=0.8, clip_max=5.0):
+    """A batch whose PIR spreads over (clip_min, clip_max), with some tokens at each bound (asserted)."""
+    g = torch.Generator().manual_seed(seed)
+    cond = -torch.rand(n, generator=g) * 6
+    pir = torch.rand(n, generator=g) * (clip_max + 2.0 - (clip_min - 1.0)) + (clip_min - 1.0)
+    stats = TokenStats(cond, torch.arange(n) // 20, logp_abl=cond - pir)
+    inside = ((pir > clip_min) & (pir < clip_max)).float().mean().item()
+    assert inside >= 0.2, inside
+    assert (pir <= clip_min).any() and (pir >= clip_max).any()
+    return stats
+
+
+def _mean_loss(stats, cfg):
+    w = token_weights(stats, cfg)
+    return (weighted_nll_sum(stats.logp_cond.double(), w.double()) / stats.logp_cond.numel()).item()
+
+
+def test_ce_mix_ends_are_the_ce_and_perce_losses_and_the_middle_interpolates():
+    stats = _spread_stats()
+    perce, ce = _mean_loss(stats, _cfg("perce")), _mean_loss(stats, _cfg("ce"))
+    assert abs(perce - ce) > 0.1  # the two ends differ, so matching each end means something
+    mixed = {lam: _mean_loss(stats, LossConfig(scheme="perce", ce_mix=lam)) for lam in (0.0, 0.25, 0.5, 1.0)}
+    assert abs(mixed[1.0] - ce) <= 1e-6 and abs(mixed[0.0] - perce) <= 1e-6
+    for lam in (0.25, 0.5):
+        assert abs(mixed[lam] - (lam * ce + (1 - lam) * perce)) <= 1e-6
+    w = token_weights(stats, LossConfig(scheme="perce", ce_mix=0.5))
+    torch.testing.assert_close(w, 0.5 + 0.5 * torch.clamp(stats.pir, 0.8, 5.0), atol=1e-6, rtol=0)
+
+
+def test_ce_mix_zero_leaves_every_scheme_bit_identical():
+    stats = _spread_stats()
+    stats.entropy = torch.rand(stats.logp_cond.shape, generator=torch.Generator().manual_seed(1))
+    for name, scheme in REGISTRY.items():
+        if scheme.window_statistic is not None:
+            stats.window_mean = scheme.window_statistic(stats).mean().item()
+        stats.generator = torch.Generator().manual_seed(0)
+        a = token_weights(stats, LossConfig(scheme=name))
+        stats.generator = torch.Generator().manual_seed(0)
+        b = REGISTRY[name].weights(stats, LossConfig(scheme=name)).float()
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_ce_mix_outside_the_unit_interval_is_refused(bad):
+    from perce_ds.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="loss.ce_mix"):
+        RunConfig.load(None, ["model.name_or_path=x", "data.synthetic.enabled=true", f"loss.ce_mix={bad}"])
