@@ -162,3 +162,21 @@ def test_every_trait_kind_is_declared():
         {k for k, v in KINDS.items() if v == INFER} == set(EVIDENCE) == {"country", "pet_kind", "cuisine", "profession"}
     )
     assert all(CITIES[c] == country for country, cities in EVIDENCE["country"].items() for c in cities)
+
+
+def test_commits_recipe_reads_the_committed_author_splits():
+    """recipes/commits_smollm2.yaml trains on data/commits/ (a copy of ../shared/data/commits/): train, validation
+    and test hold disjoint authors, and the recipe names train and validation only."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = RunConfig.load(root / "recipes" / "commits_smollm2.yaml")
+    assert cfg.data.train_files == ["data/commits/train.jsonl"] and cfg.data.eval_files == ["data/commits/val.jsonl"]
+    splits = {
+        name: load_many([str(root / "data" / "commits" / f"{name}.jsonl")])[0] for name in ("train", "val", "test")
+    }
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [288, 96, 96]
+    users = {s: {r.user_id for r in rs} for s, rs in splits.items()}
+    assert [len(users[s]) for s in ("train", "val", "test")] == [36, 12, 12]
+    assert not (users["train"] & users["val"] or users["train"] & users["test"] or users["val"] & users["test"])
+    assert all(not r.persona_spans and r.profile for rs in splits.values() for r in rs)
