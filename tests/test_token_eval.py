@@ -170,3 +170,14 @@ def test_compare_token_table_of_two_runs(tmp_path):
     assert test["summaries"]["a"]["n_records"] != s["a"]["n_records"] or test["summaries"]["a"] != s["a"]
     with pytest.raises(SystemExit, match="other data"):
         compare.token_compare([a, make_eval_run(tmp_path / "c", seed=1)], "", tmp_path / "out2")
+
+
+def test_insight_on_test_reports_f1_at_the_threshold_chosen_on_validation(tmp_path):
+    from perce_ds.insight import run_insight
+    from tests.launch_utils import make_eval_run
+
+    run = make_eval_run(tmp_path / "r")
+    val = run_insight(run, split="eval", n_samples=1, limit=6, with_before=False)["after"]["selected"]
+    test = run_insight(run, split="test", n_samples=1, limit=6, with_before=False)["after"]["selected"]
+    assert val["threshold_from"] == "this split" and test["threshold_from"] == "validation"
+    assert test["threshold"] == val["threshold"] and test["n_tokens"] != val["n_tokens"]  # other tokens, same cut
