@@ -8,7 +8,9 @@ paired bootstrap p-value, a cross-task matrix, and the runs' training curves sid
 With --token-eval (or `token_eval: true` in a compare recipe), on a split with ground-truth persona spans:
 the starting model (step 0) and every run's hf/ are scored token by token (perce_ds/evaluation/token_eval.py)
 and tokens.md / tokens.json hold NLL and accuracy per token class, ROUGE-L / METEOR, PIR as a detector,
-each with a paired bootstrap 95% interval of the difference against the first run.
+each with a paired bootstrap 95% interval of the difference against the first run. The token table scores
+the eval (validation) split; --token-split test scores the test split, with each model's PIR-detector
+threshold chosen on validation (no selection on test).
 
 Each run must have been evaluated (launch/evaluate.py) into <run>/eval/<NAME>/ (default: <run>/eval/).
 Writes <out>/compare.md, compare.json and training_curves.png (default out: <first run>/../compare).

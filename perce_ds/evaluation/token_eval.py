@@ -52,7 +52,11 @@ def score_tokens(
     examples: list[TokenizedExample],
     batch_size: int = 8,
 ) -> list[RecordTokens]:
-    """RecordTokens for each (record, example) pair, with a plain (unsharded) model in eval mode."""
+    """RecordTokens for each (record, example) pair, with a plain (unsharded) model in eval mode. The token
+    classes come from the examples (TokenizedExample.persona_token_kinds, built from the records' spans)."""
+    stray = [(r.record_id, e.record_id) for r, e in zip(records, examples) if r.record_id != e.record_id]
+    if len(records) != len(examples) or stray:
+        raise ValueError(f"records and examples do not pair up ({len(records)} vs {len(examples)}; e.g. {stray[:2]})")
     scored = score_plain_model(lm, examples, tokenizer.pad_token_id, batch_size, with_hits=True)
     return [
         RecordTokens(examples[s.index].record_id, token_kinds(examples[s.index]),
