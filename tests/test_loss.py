@@ -505,3 +505,18 @@ def test_ce_mix_outside_the_unit_interval_is_refused(bad):
 
     with pytest.raises(ConfigError, match="loss.ce_mix"):
         RunConfig.load(None, ["model.name_or_path=x", "data.synthetic.enabled=true", f"loss.ce_mix={bad}"])
+
+
+def test_offline_weights_record_a_nonzero_ce_mix():
+    """Weights estimated with one ce_mix are refused by a run with another (the E-step fingerprint), while runs
+    without the knob keep the fingerprint their stored estimates were made with."""
+    from perce_ds.config import RunConfig
+    from perce_ds.estep import settings_fingerprint
+    from perce_ds.fingerprints import json_digest
+
+    base = ["model.name_or_path=x", "data.synthetic.enabled=true"]
+    plain = RunConfig.load(None, base)
+    legacy = json_digest({"scheme": "perce", "clip_min": 0.8, "clip_max": 5.0})[:16]
+    assert settings_fingerprint(plain) == legacy
+    mixed = {lam: settings_fingerprint(RunConfig.load(None, [*base, f"loss.ce_mix={lam}"])) for lam in (0.25, 0.5)}
+    assert len({legacy, *mixed.values()}) == 3
