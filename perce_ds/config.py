@@ -46,8 +46,7 @@ class SyntheticDataConfig:
     users: int = 24  # persona_natural: the training users
     train_per_user: int = 8
     eval_per_user: int = 2
-    # persona_natural only: unseen users in the eval (validation) split and as many more, disjoint, in test
-    eval_users: int = 0
+    eval_users: int = 0  # persona_natural only: unseen users in eval (validation), as many more (disjoint) in test
     seed: int = 0
 
     def __post_init__(self) -> None:

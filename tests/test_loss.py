@@ -520,3 +520,35 @@ def test_offline_weights_record_a_nonzero_ce_mix():
     assert settings_fingerprint(plain) == legacy
     mixed = {lam: settings_fingerprint(RunConfig.load(None, [*base, f"loss.ce_mix={lam}"])) for lam in (0.25, 0.5)}
     assert len({legacy, *mixed.values()}) == 3
+
+
+def test_step_stats_report_the_persona_share_of_the_weight_as_the_readme_says():
+    """weight_share_persona = (lambda n_c + (1 - lambda) W_c) / (lambda N + (1 - lambda) W) (README, loss.ce_mix);
+    token_share_persona = n_c / N, the share under CE."""
+    from perce_ds.data.collate import collate
+    from perce_ds.data.prompts import TokenizedExample
+    from perce_ds.step_stats import StepStats
+
+    g = torch.Generator().manual_seed(0)
+    masks = [[bool(b) for b in torch.rand(n, generator=g) < 0.3] for n in (9, 14)]
+    examples = [TokenizedExample(f"r{i}", [1, 2, 3], [1], list(range(5, 5 + len(m))), persona_token_mask=m)
+                for i, m in enumerate(masks)]  # fmt: skip
+    batch = collate(examples, 0)
+    n = batch.n_response_tokens
+    cond = -torch.rand(n, generator=g) * 4
+    stats = TokenStats(cond, batch.seq_ids(), logp_abl=cond - (torch.rand(n, generator=g) * 7 - 1))
+    persona = batch.persona_mask[batch.response_mask]
+    assert 0 < persona.sum() < n
+    w0 = token_weights(stats, _cfg("perce"))
+    share = {}
+    for lam in (0.0, 0.5, 1.0):
+        st = StepStats()
+        w = token_weights(stats, LossConfig(ce_mix=lam))
+        st.add_micro_batch(batch, stats, w, weighted_nll_sum(stats.logp_cond, w), stats.pir, 0.8)
+        m = st.metrics(1.0, 1e-5, 0.0)
+        expected = (lam * persona.sum() + (1 - lam) * w0[persona].sum()) / (lam * n + (1 - lam) * w0.sum())
+        assert m["weight_share_persona"] == pytest.approx(float(expected), rel=1e-6)
+        assert m["token_share_persona"] == pytest.approx(float(persona.sum()) / n)
+        share[lam] = m["weight_share_persona"]
+    assert share[1.0] == pytest.approx(float(persona.sum()) / n) and share[0.0] != share[1.0]
+    assert min(share[0.0], share[1.0]) < share[0.5] < max(share[0.0], share[1.0])
