@@ -8,7 +8,9 @@ paired bootstrap p-value, a cross-task matrix, and the runs' training curves sid
 With --token-eval (or `token_eval: true` in a compare recipe), on a split with ground-truth persona spans:
 the starting model (step 0) and every run's hf/ are scored token by token (perce_ds/evaluation/token_eval.py)
 and tokens.md / tokens.json hold NLL and accuracy per token class, ROUGE-L / METEOR, PIR as a detector,
-each with a paired bootstrap 95% interval of the difference against the first run.
+each with a paired bootstrap 95% interval of the difference against the first run. The token table scores
+the eval (validation) split; --token-split test scores the test split, with each model's PIR-detector
+threshold chosen on validation (no selection on test).
 
 Each run must have been evaluated (launch/evaluate.py) into <run>/eval/<NAME>/ (default: <run>/eval/).
 Writes <out>/compare.md, compare.json and training_curves.png (default out: <first run>/../compare).
@@ -63,8 +65,10 @@ def _scores_of(model_dir: Path, cfg, records, examples, tokenizer, cache: Path, 
     from perce_ds.evaluation import token_eval
 
     identity = runs_mod.model_identity(model_dir)
-    if cache.is_file() and json.loads(cache.read_text())["meta"].get("model_id") == identity:
-        return token_eval.load(cache)
+    if cache.is_file():
+        stored = json.loads(cache.read_text())["meta"]
+        if stored.get("model_id") == identity and stored.get("split") == meta["split"]:
+            return token_eval.load(cache)
     from perce_ds.model import resolve_dtype
 
     lm = runs_mod.load_plain_model(model_dir, resolve_dtype(cfg.model.dtype), _device())
@@ -79,8 +83,13 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def token_compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) -> str:
-    """Teacher-forced token table of the runs against the first, plus the starting model; write tokens.md/json."""
+def token_compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0, split: str = "eval") -> str:
+    """Teacher-forced token table of the runs against the first, plus the starting model; write tokens.md/json.
+
+    `split` "eval" (validation) or "test". The PIR detector's threshold is chosen on validation only: on the
+    test split each model's threshold is the best one on the validation split (scored too), and test F1 is
+    reported at it.
+    """
     from perce_ds.data import pipeline
     from perce_ds.data.tokenizer import load_tokenizer
     from perce_ds.evaluation import runs as runs_mod
@@ -92,23 +101,32 @@ def token_compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) ->
         other = runs_mod.load_run_config(r)
         if other.data != cfg.data or other.model.name_or_path != cfg.model.name_or_path:
             raise SystemExit(f"error: {r} was trained on other data or from another model than {runs[0]}")
-    tokenizer = load_tokenizer(runs_mod.resolve_model_dir(runs[0], None))
-    records = runs_mod.split_records(cfg, "eval")
-    examples, _ = runs_mod.tokenize_for_eval(records, tokenizer, pipeline.prompt_settings(cfg))
-    meta = {"split": "eval", "n_records": len(records)}
     init_dir = Path(cfg.model.name_or_path) if cfg.model.name_or_path else runs[0] / "hf_init"
     if not (init_dir / "config.json").is_file():
         raise SystemExit(f"error: no starting model to score at {init_dir} (a hub id? build the folder first)")
-    init = _scores_of(init_dir, cfg, records, examples, tokenizer, out / "tokens_step0.json", meta)
-    scored = [_scores_of(runs_mod.resolve_model_dir(r, None), cfg, records, examples, tokenizer,
-                         r / "eval" / "tokens.json", meta) for r in runs]  # fmt: skip
+    tokenizer = load_tokenizer(runs_mod.resolve_model_dir(runs[0], None))
+    models = {"step0": init_dir, **{r.name: runs_mod.resolve_model_dir(r, None) for r in runs}}
+    caches = {"step0": out / "tokens_step0.json", **{r.name: r / "eval" / "tokens.json" for r in runs}}
+
+    def scored_split(name: str) -> dict[str, list]:
+        records = runs_mod.split_records(cfg, name)
+        examples, _ = runs_mod.tokenize_for_eval(records, tokenizer, pipeline.prompt_settings(cfg))
+        meta = {"split": name, "n_records": len(records)}
+        suffix = "" if name == "eval" else f"_{name}"
+        return {k: _scores_of(models[k], cfg, records, examples, tokenizer,
+                              caches[k].with_name(f"{caches[k].stem}{suffix}.json"), meta) for k in models}  # fmt: skip
+
+    rows = scored_split(split)
     clip = cfg.loss.clip_min
-    summaries = {
-        "step0": token_eval.summarise(init, clip),
-        **{r.name: token_eval.summarise(s, clip) for r, s in zip(runs, scored)},
-    }
+    thresholds: dict[str, float | None] = dict.fromkeys(models)
+    if split != "eval":  # the detector threshold of each model is selected on validation
+        for k, val_rows in scored_split("eval").items():
+            detector = token_eval.summarise(val_rows, clip).get("pir_detector")
+            thresholds[k] = detector["selected_threshold"] if detector else None
+    summaries = {k: token_eval.summarise(v, clip, thresholds[k]) for k, v in rows.items()}
+    scored = [rows[r.name] for r in runs]
     diffs = {r.name: {c: token_eval.paired_difference(scored[0], s, c, seed=seed)
-                      for c in (*token_eval.PERSONA_CLASSES, token_eval.OTHER)} for r, s in zip(runs[1:], scored[1:])}  # fmt: skip
+                      for c in token_eval_classes()} for r, s in zip(runs[1:], scored[1:])}  # fmt: skip
     gen = {}
     per = (
         [_per_record(r / "eval" / eval_name) for r in runs]
@@ -124,12 +142,18 @@ def token_compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) ->
         r.name: {m: float(sum(p[k][m] for k in p) / len(p)) for m in ("rougeL", "meteor")} for r, p in zip(runs, per)
     }
     result = {"summaries": summaries, "differences": diffs, "generation_differences": gen, "generation_means": gen_means,
-              "runs": [str(r) for r in runs], "step0_model": str(init_dir)}  # fmt: skip
+              "runs": [str(r) for r in runs], "step0_model": str(init_dir), "split": split}  # fmt: skip
     md = render_token_table(result, [r.name for r in runs])
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokens.json").write_text(json.dumps(result, indent=2))
     (out / "tokens.md").write_text(md)
     return md
+
+
+def token_eval_classes() -> tuple[str, ...]:
+    from perce_ds.evaluation import token_eval
+
+    return (*token_eval.PERSONA_CLASSES, token_eval.OTHER)
 
 
 def render_token_table(result: dict, labels: list[str]) -> str:
@@ -144,10 +168,11 @@ def render_token_table(result: dict, labels: list[str]) -> str:
             text += f" ({scale * diff['diff']:+.{digits}f} [{scale * diff['ci_low']:+.{digits}f}, {scale * diff['ci_high']:+.{digits}f}])"
         return text
 
-    head = ["metric (eval split, unseen users)", "step 0", *labels]
+    split = {"eval": "validation", "test": "test"}.get(result.get("split", "eval"), result.get("split"))
+    head = [f"metric ({split} split, unseen users)", "step 0", *labels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, name in (("nll", "NLL"), ("acc", "accuracy")):
-        for cls in ("persona", "copy", "infer", "other"):
+        for cls in token_eval_classes():
             if not s["step0"][cls]["tokens"]:
                 continue
             row = [
@@ -163,7 +188,8 @@ def render_token_table(result: dict, labels: list[str]) -> str:
             row += [cell(result["generation_means"][lab][m], g[lab][m], scale=100, digits=2) for lab in labels[1:]]
             lines.append("| " + " | ".join(row) + " |")
     if "pir_detector" in s["step0"]:
-        for key, rnd, name in (("best_f1", "random_f1_at_best", "PIR detector F1, best threshold (random)"),
+        chosen = "threshold chosen on validation" if split != "validation" else "best threshold"
+        for key, rnd, name in (("f1_at_selected", "random_f1_at_selected", f"PIR detector F1, {chosen} (random)"),
                                ("f1_at_0", "random_f1_at_0", "PIR detector F1, PIR > 0 (random)")):  # fmt: skip
             row = [name] + [
                 f"{s[k]['pir_detector'][key]:.3f} ({s[k]['pir_detector'][rnd]:.3f})" for k in ("step0", *labels)
@@ -224,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="output directory (default: <first run>/../compare)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token-eval", action="store_true", help="also the teacher-forced token table (tokens.md)")
+    p.add_argument(
+        "--token-split",
+        default="eval",
+        choices=["eval", "test"],
+        help="split of the token table (eval = validation; on test the PIR threshold is chosen on eval)",
+    )
     args = p.parse_args(argv)
     runs = run_recipe(args.recipe) if args.recipe else args.runs
     spec_eval_name = None
@@ -240,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(compare(runs, eval_name, out, args.seed))
     print(f"wrote {out}/compare.md, compare.json, training_curves.png")
     if args.token_eval:
-        print(token_compare(runs, eval_name, out, args.seed))
+        print(token_compare(runs, eval_name, out, args.seed, args.token_split))
         print(f"wrote {out}/tokens.md, tokens.json")
     return 0
 

@@ -33,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     for stage in ("before", "after"):
         s = summary.get(stage)
         if s and "marking" in s:
-            m, b = s["marking"], s["best"]
+            m, b = s["marking"], s["selected"]
             print(f"{stage}: PIR>{m['threshold']:g} F1 {m['f1']:.3f} (P {m['precision']:.3f}, R {m['recall']:.3f}; "
-                  f"random marking at the same rate {m['random_f1']:.3f}); best threshold {b['threshold']:.3f} "
+                  f"random marking at the same rate {m['random_f1']:.3f}); threshold {b['threshold']:.3f} "
+                  f"(chosen on {'validation' if b['threshold_from'] == 'validation' else 'this split'}) "
                   f"F1 {b['f1']:.3f} (random {b['random_f1']:.3f})")  # fmt: skip
     print("top personal tokens:", json.dumps(summary["top_personal_tokens"])[:600])
     print(f"wrote {args.run / 'insight'}/index.html, insight.json, pir_hist.png")

@@ -46,7 +46,7 @@ class SyntheticDataConfig:
     users: int = 24  # persona_natural: the training users
     train_per_user: int = 8
     eval_per_user: int = 2
-    eval_users: int = 0  # persona_natural only: unseen users in the eval split (and as many more in test)
+    eval_users: int = 0  # persona_natural only: unseen users in eval (validation), as many more (disjoint) in test
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -139,6 +139,9 @@ class LossConfig:
     fused_passes: bool = (
         False  # one forward for both passes (ablated rows detached): one all-gather less, more backward
     )
+    # lambda in [0, 1]: every scheme's weights become lambda + (1 - lambda) * w; 0 = the scheme as published,
+    # 1 = CE exactly. Trades the persona tokens' share of the update against the rest's (README "loss.ce_mix").
+    ce_mix: float = 0.0
     weights_from: str | None = None  # offline EM: a launch/estimate.py output dir; no ablated pass in training
     # Warn (once) when no token's PIR has exceeded clip_min for this many steps in a row: every weight is then
     # clip_min and the update is CE's. 0 = never warn.
@@ -234,6 +237,8 @@ class RunConfig:
             )
         if self.loss.clip_min > self.loss.clip_max:
             raise ConfigError(f"loss.clip_min ({self.loss.clip_min}) exceeds loss.clip_max ({self.loss.clip_max})")
+        if not 0.0 <= self.loss.ce_mix <= 1.0:
+            raise ConfigError(f"loss.ce_mix must be in [0, 1] (0: the scheme's weights, 1: CE), got {self.loss.ce_mix}")
         if self.loss.clip_min <= 0 and not self.loss.allow_nonpositive_clip_min:
             raise ConfigError(
                 f"loss.clip_min={self.loss.clip_min} lets token weights reach <= 0 (the model would unlearn "

@@ -31,7 +31,7 @@ from perce_ds.distributed import all_reduce_sum, any_rank, init_process_group, s
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
 from perce_ds.evaluation.demo import demo_evaluation
-from perce_ds.evaluation.teacher_forced import pir_metrics, pir_sums, teacher_forced
+from perce_ds.evaluation.teacher_forced import eval_metrics, eval_sums, teacher_forced
 from perce_ds.logging_utils import metrics_logger, setup_logging
 from perce_ds.loss import TokenStats, get_scheme, token_weights, weighted_nll_sum
 from perce_ds.lr_schedule import lr_lambda
@@ -307,17 +307,19 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float | None]:
-        """Teacher-forced CE with and without the profile, and PIR on persona vs other tokens (all ranks)."""
+        """Teacher-forced CE with and without the profile, accuracy, PIR on persona vs other tokens and, on a split
+        with persona spans, NLL / accuracy per token class (teacher_forced.eval_metrics; all ranks)."""
         if not self.data.eval:
             return {}
         self.engine.eval()
         try:
             with self.module.activation_checkpointing_paused():
                 scored = teacher_forced(self.engine, self.data.eval, self.tokenizer.pad_token_id,
-                                        self.cfg.train.micro_batch_size, self.device, self.rank, self.world)  # fmt: skip
+                                        self.cfg.train.micro_batch_size, self.device, self.rank, self.world,
+                                        with_hits=True)  # fmt: skip
         finally:
             self.engine.train()
-        return pir_metrics(all_reduce_sum(pir_sums(scored, self.data.eval), self.device).tolist())
+        return eval_metrics(all_reduce_sum(eval_sums(scored, self.data.eval), self.device).tolist())
 
     # ---------------------------------------------------------------- the run
     def save(self, step: int) -> Path:

@@ -48,7 +48,10 @@ def model_fingerprint(cfg: RunConfig) -> str:
 
 
 def settings_fingerprint(cfg: RunConfig) -> str:
-    return json_digest({"scheme": cfg.loss.scheme, "clip_min": cfg.loss.clip_min, "clip_max": cfg.loss.clip_max})[:16]
+    settings = {"scheme": cfg.loss.scheme, "clip_min": cfg.loss.clip_min, "clip_max": cfg.loss.clip_max}
+    if cfg.loss.ce_mix:  # the weights hold the mix; absent at 0 so earlier estimates keep their fingerprint
+        settings["ce_mix"] = cfg.loss.ce_mix
+    return json_digest(settings)[:16]
 
 
 def fingerprint(cfg: RunConfig, examples: list[TokenizedExample], tokenizer: Any) -> dict[str, str]:

@@ -4,8 +4,9 @@ PIR_i = log P(y_i | profile, x, y_<i) - log P(y_i | x, y_<i), computed exactly a
 (PerceLM + collate: shared response ids, left-padded prompts). Outputs in <run>/insight/:
 index.html (response tokens coloured by PIR, the profile beside them), insight.json (top personal
 tokens per task; on tasks with ground truth — the synthetic one — precision/recall/F1 of
-"PIR > threshold" vs the persona-token mask, the best threshold, and the F1 of a random marking
-with the same positive rate), pir_hist.png.
+"PIR > threshold" vs the persona-token mask, at the threshold selected on the validation split (the
+best F1 there; a test split is scored at validation's), and the F1 of a random marking with the same
+positive rate), pir_hist.png.
 """
 
 from __future__ import annotations
@@ -110,7 +111,22 @@ def render_html(samples: list[dict[str, Any]], title: str, summary: dict[str, An
     return "".join(parts)
 
 
-def _stage_summary(pir: list[np.ndarray], truth: list[list[bool]], threshold: float) -> dict[str, Any]:
+def validation_threshold(lm: Any, cfg: Any, tokenizer: Any, limit: int = 0) -> float | None:
+    """The PIR-detector threshold of `lm` selected (best F1) on the run's validation split (data.eval); None
+    when that split has no persona spans. Test scores are reported at it: no threshold is chosen on test."""
+    records = runs.split_records(cfg, "eval")
+    examples, _ = runs.tokenize_for_eval(records[:limit] if limit else records, tokenizer, prompt_settings(cfg))
+    truth = [e.persona_token_mask for e in examples]
+    if not any(truth):
+        return None
+    return best_threshold(token_pir(lm, examples, tokenizer.pad_token_id), truth)["threshold"]
+
+
+def _stage_summary(
+    pir: list[np.ndarray], truth: list[list[bool]], threshold: float, selected: float | None = None
+) -> dict[str, Any]:
+    """PIR means and, with ground truth, the detector at `threshold` and at the selected threshold: `selected`
+    (chosen on validation) when given, else the best one on these tokens (which must then be validation)."""
     x = np.concatenate(pir)
     out: dict[str, Any] = {"pir_mean": float(x.mean()), "n_tokens": int(x.size)}
     if any(truth):
@@ -118,7 +134,8 @@ def _stage_summary(pir: list[np.ndarray], truth: list[list[bool]], threshold: fl
         out["pir_mean_persona_tokens"] = float(x[y].mean()) if y.any() else None
         out["pir_mean_other_tokens"] = float(x[~y].mean()) if (~y).any() else None
         out["marking"] = marking_scores(pir, truth, threshold)
-        out["best"] = best_threshold(pir, truth)
+        chosen = best_threshold(pir, truth) if selected is None else marking_scores(pir, truth, selected)
+        out["selected"] = chosen | {"threshold_from": "this split" if selected is None else "validation"}
     return out
 
 
@@ -157,12 +174,16 @@ def run_insight(
     lm = runs.load_plain_model(model_dir, torch.float32, torch.device("cpu"))
     pir_after = token_pir(lm, examples, tokenizer.pad_token_id)
     summary: dict[str, Any] = {"run": run_dir.name, "split": split, "threshold": threshold, "model": str(model_dir)}
-    summary["after"] = _stage_summary(pir_after, truth, threshold)
+    # The detector threshold is selected on validation only: on another split, each model's comes from "eval".
+    on_other = split != "eval" and any(truth)
+    selected = validation_threshold(lm, cfg, tokenizer, limit) if on_other else None
+    summary["after"] = _stage_summary(pir_after, truth, threshold, selected)
     pir_before = None
     if with_before:
         lm0, how = initial_model(cfg, tokenizer, before)
         pir_before = token_pir(lm0, examples, tokenizer.pad_token_id)
-        summary["before"] = {"model": how, **_stage_summary(pir_before, truth, threshold)}
+        selected0 = validation_threshold(lm0, cfg, tokenizer, limit) if on_other else None
+        summary["before"] = {"model": how, **_stage_summary(pir_before, truth, threshold, selected0)}
     tokens = [token_strings(tokenizer, e.response_ids) for e in examples]
     summary["top_personal_tokens"] = top_personal_tokens(tokens, pir_after, [r.task for r in records], threshold)
 

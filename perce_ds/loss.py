@@ -164,6 +164,7 @@ class WeightSettings(Protocol):
     scheme: str
     clip_min: float
     clip_max: float
+    ce_mix: float  # lambda in [0, 1]: w' = lambda + (1 - lambda) * w (0: the scheme's weights, 1: CE)
 
 
 @dataclass
@@ -273,10 +274,13 @@ def get_scheme(name: str) -> WeightScheme:
 
 def token_weights(stats: TokenStats, cfg: WeightSettings, scheme: WeightScheme | None = None) -> torch.Tensor:
     """Loss weights for each response token (no gradient flows through them): `scheme`'s, resolved once by the
-    caller that holds it (the trainer), else the one `cfg.scheme` names."""
+    caller that holds it (the trainer), else the one `cfg.scheme` names, mixed with CE's w = 1 by `cfg.ce_mix`."""
     scheme = scheme or get_scheme(cfg.scheme)
     with torch.no_grad():
-        return scheme.weights(stats, cfg).float().detach()
+        weights = scheme.weights(stats, cfg).float().detach()
+        if cfg.ce_mix:  # skipped at 0 (the default), so the paper's weights stay bit-identical
+            weights = cfg.ce_mix + (1.0 - cfg.ce_mix) * weights
+        return weights
 
 
 def weighted_nll_sum(logp_cond: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ log = logging.getLogger("perce_ds")
 # The sums; their ratios are the logged metrics.
 STAT_KEYS = (
     "wnll", "nll", "tokens", "input_tokens", "pir", "pir_tokens", "personal", "weight",
-    "pir_persona", "n_persona", "pir_other", "n_other",
+    "pir_persona", "n_persona", "pir_other", "n_other", "persona_tokens", "weight_persona",
 )  # fmt: skip
 
 
@@ -47,6 +47,8 @@ class StepStats:
         s["tokens"] = float(batch.n_response_tokens)
         s["input_tokens"] = float(batch.conditioned.n_tokens)
         s["weight"] = float(weights.sum())
+        on_persona = batch.persona_mask[batch.response_mask]
+        s["persona_tokens"], s["weight_persona"] = float(on_persona.sum()), float(weights[on_persona].sum())
         if pir is not None:
             persona = batch.persona_mask[batch.response_mask]
             s["pir"], s["pir_tokens"] = float(pir.sum()), float(pir.numel())
@@ -68,6 +70,10 @@ class StepStats:
             "pir_mean": ratio("pir", "pir_tokens"),
             "personal_ratio": ratio("personal", "pir_tokens"),
             "weight_mean": ratio("weight", "tokens"),
+            # the persona tokens' share of the step's loss weight (under AdamW, of the update) and of its tokens
+            # (CE's share); None without ground-truth persona tokens (README "loss.ce_mix")
+            "weight_share_persona": ratio("weight_persona", "weight") if s["persona_tokens"] else None,
+            "token_share_persona": ratio("persona_tokens", "tokens") if s["persona_tokens"] else None,
             "pir_persona_tokens": ratio("pir_persona", "n_persona"),
             "pir_other_tokens": ratio("pir_other", "n_other"),
             "response_tokens": s["tokens"],

@@ -129,6 +129,26 @@ def test_resume_reproduces_straight_run_and_export_reproduces_engine_loss(setup)
     with torch.no_grad():
         nll = torch.cat([-reference_logprobs(model, e.cond_prompt_ids, e.response_ids) for e in examples])
     assert float(nll.mean()) == pytest.approx(summary["eval"]["eval_ce"], rel=1e-5)
+    # The per-class keys of the 2-rank evaluation (sharded, all-reduced sums) are token_eval's numbers.
+    from perce_ds.data.sources import load_many
+    from perce_ds.evaluation import token_eval
+
+    ev = summary["eval"]
+    rows = token_eval.score_tokens(model, tok, load_many([str(setup["eval"])])[0], examples)
+    table = token_eval.summarise(rows, cfg.loss.clip_min)
+    assert table["persona"]["tokens"] > 0 and table["other"]["tokens"] > 0 and table["copy"]["tokens"] == 0
+    for cls in (*token_eval.PERSONA_CLASSES, token_eval.OTHER):
+        assert ev[f"eval_tokens_{cls}"] == table[cls]["tokens"], cls
+        if table[cls]["tokens"]:
+            assert ev[f"eval_nll_{cls}"] == pytest.approx(table[cls]["nll"], rel=1e-5), cls
+            # argmax hits of two fp32 implementations: a near-tie may flip one token, never more here
+            assert abs(ev[f"eval_acc_{cls}"] - table[cls]["acc"]) * table[cls]["tokens"] <= 1 + 1e-9, cls
+        else:
+            assert ev[f"eval_nll_{cls}"] is None and ev[f"eval_acc_{cls}"] is None
+    n = sum(table[c]["tokens"] for c in ("persona", "other"))
+    assert ev["eval_acc"] == pytest.approx(sum(sum(r.correct) for r in rows) / n, abs=1.0 / n + 1e-9)
+    evals = read_jsonl(runs / "straight" / "eval_metrics.jsonl")
+    assert evals and all("eval_nll_persona" in row and "eval_acc" in row for row in evals)
     assert (hf / "README.md").read_text().count("perce") >= 1
 
 

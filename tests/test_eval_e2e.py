@@ -111,7 +111,7 @@ def test_evaluate_compare_insight(trained, tmp_path):
     for stage in ("before", "after"):
         for key in ("f1", "precision", "recall", "random_f1"):
             assert math.isfinite(summary[stage]["marking"][key])
-        assert math.isfinite(summary[stage]["best"]["f1"])
+        assert math.isfinite(summary[stage]["selected"]["f1"])
     assert summary["top_personal_tokens"]["synthetic_persona"]
 
 

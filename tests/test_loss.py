@@ -452,3 +452,103 @@ def test_logits_kernel_keeps_fp32_logits_for_low_precision_on_cuda():
     a = torch.empty(3, 8, dtype=torch.bfloat16, device="meta")
     b = torch.empty(5, 8, dtype=torch.bfloat16, device="meta")
     assert torch.mm(a, b.t(), out_dtype=torch.float32).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- loss.ce_mix
+
+
+def _spread_stats(n=400, seed=3, clip_min=0.8, clip_max=5.0):
+    """A batch whose PIR spreads over (clip_min, clip_max), with some tokens at each bound (asserted)."""
+    g = torch.Generator().manual_seed(seed)
+    cond = -torch.rand(n, generator=g) * 6
+    pir = torch.rand(n, generator=g) * (clip_max + 2.0 - (clip_min - 1.0)) + (clip_min - 1.0)
+    stats = TokenStats(cond, torch.arange(n) // 20, logp_abl=cond - pir)
+    inside = ((pir > clip_min) & (pir < clip_max)).float().mean().item()
+    assert inside >= 0.2, inside
+    assert (pir <= clip_min).any() and (pir >= clip_max).any()
+    return stats
+
+
+def _mean_loss(stats, cfg):
+    w = token_weights(stats, cfg)
+    return (weighted_nll_sum(stats.logp_cond.double(), w.double()) / stats.logp_cond.numel()).item()
+
+
+def test_ce_mix_ends_are_the_ce_and_perce_losses_and_the_middle_interpolates():
+    stats = _spread_stats()
+    perce, ce = _mean_loss(stats, _cfg("perce")), _mean_loss(stats, _cfg("ce"))
+    assert abs(perce - ce) > 0.1  # the two ends differ, so matching each end means something
+    mixed = {lam: _mean_loss(stats, LossConfig(scheme="perce", ce_mix=lam)) for lam in (0.0, 0.25, 0.5, 1.0)}
+    assert abs(mixed[1.0] - ce) <= 1e-6 and abs(mixed[0.0] - perce) <= 1e-6
+    for lam in (0.25, 0.5):
+        assert abs(mixed[lam] - (lam * ce + (1 - lam) * perce)) <= 1e-6
+    w = token_weights(stats, LossConfig(scheme="perce", ce_mix=0.5))
+    torch.testing.assert_close(w, 0.5 + 0.5 * torch.clamp(stats.pir, 0.8, 5.0), atol=1e-6, rtol=0)
+
+
+def test_ce_mix_zero_leaves_every_scheme_bit_identical():
+    stats = _spread_stats()
+    stats.entropy = torch.rand(stats.logp_cond.shape, generator=torch.Generator().manual_seed(1))
+    for name, scheme in REGISTRY.items():
+        if scheme.window_statistic is not None:
+            stats.window_mean = scheme.window_statistic(stats).mean().item()
+        stats.generator = torch.Generator().manual_seed(0)
+        a = token_weights(stats, LossConfig(scheme=name))
+        stats.generator = torch.Generator().manual_seed(0)
+        b = REGISTRY[name].weights(stats, LossConfig(scheme=name)).float()
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_ce_mix_outside_the_unit_interval_is_refused(bad):
+    from perce_ds.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="loss.ce_mix"):
+        RunConfig.load(None, ["model.name_or_path=x", "data.synthetic.enabled=true", f"loss.ce_mix={bad}"])
+
+
+def test_offline_weights_record_a_nonzero_ce_mix():
+    """Weights estimated with one ce_mix are refused by a run with another (the E-step fingerprint), while runs
+    without the knob keep the fingerprint their stored estimates were made with."""
+    from perce_ds.config import RunConfig
+    from perce_ds.estep import settings_fingerprint
+    from perce_ds.fingerprints import json_digest
+
+    base = ["model.name_or_path=x", "data.synthetic.enabled=true"]
+    plain = RunConfig.load(None, base)
+    legacy = json_digest({"scheme": "perce", "clip_min": 0.8, "clip_max": 5.0})[:16]
+    assert settings_fingerprint(plain) == legacy
+    mixed = {lam: settings_fingerprint(RunConfig.load(None, [*base, f"loss.ce_mix={lam}"])) for lam in (0.25, 0.5)}
+    assert len({legacy, *mixed.values()}) == 3
+
+
+def test_step_stats_report_the_persona_share_of_the_weight_as_the_readme_says():
+    """weight_share_persona = (lambda n_c + (1 - lambda) W_c) / (lambda N + (1 - lambda) W) (README, loss.ce_mix);
+    token_share_persona = n_c / N, the share under CE."""
+    from perce_ds.data.collate import collate
+    from perce_ds.data.prompts import TokenizedExample
+    from perce_ds.step_stats import StepStats
+
+    g = torch.Generator().manual_seed(0)
+    masks = [[bool(b) for b in torch.rand(n, generator=g) < 0.3] for n in (9, 14)]
+    examples = [TokenizedExample(f"r{i}", [1, 2, 3], [1], list(range(5, 5 + len(m))), persona_token_mask=m)
+                for i, m in enumerate(masks)]  # fmt: skip
+    batch = collate(examples, 0)
+    n = batch.n_response_tokens
+    cond = -torch.rand(n, generator=g) * 4
+    stats = TokenStats(cond, batch.seq_ids(), logp_abl=cond - (torch.rand(n, generator=g) * 7 - 1))
+    persona = batch.persona_mask[batch.response_mask]
+    assert 0 < persona.sum() < n
+    w0 = token_weights(stats, _cfg("perce"))
+    share = {}
+    for lam in (0.0, 0.5, 1.0):
+        st = StepStats()
+        w = token_weights(stats, LossConfig(ce_mix=lam))
+        st.add_micro_batch(batch, stats, w, weighted_nll_sum(stats.logp_cond, w), stats.pir, 0.8)
+        m = st.metrics(1.0, 1e-5, 0.0)
+        expected = (lam * persona.sum() + (1 - lam) * w0[persona].sum()) / (lam * n + (1 - lam) * w0.sum())
+        assert m["weight_share_persona"] == pytest.approx(float(expected), rel=1e-6)
+        assert m["token_share_persona"] == pytest.approx(float(persona.sum()) / n)
+        share[lam] = m["weight_share_persona"]
+    assert share[1.0] == pytest.approx(float(persona.sum()) / n) and share[0.0] != share[1.0]
+    assert min(share[0.0], share[1.0]) < share[0.5] < max(share[0.0], share[1.0])

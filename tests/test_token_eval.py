@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from tests.test_chat_templates import SYSTEM, family_tokenizer
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tok = family_tokenizer("qwen3", tmp_path_factory.mktemp("tok"))
-    records = generate_records(4, 3, 1, 0, "eval")
+    records = generate_records(4, 4, 1, 0, "eval")
     settings = PromptSettings(SYSTEM, 1024, 512, chat_template_kwargs={"enable_thinking": False})
     return tok, records, [tokenize_record(r, tok, settings, "t") for r in records]
 
@@ -25,7 +27,7 @@ def setup(tmp_path_factory):
 def test_token_kinds_follow_the_spans(setup):
     tok, records, examples = setup
     for record, ex in zip(records, examples):
-        kinds = token_eval.token_kinds(tok, record, ex)
+        kinds = token_eval.token_kinds(ex)
         assert len(kinds) == len(ex.response_ids) and kinds[-1] == "other"  # the end-of-turn token
         assert [k != "other" for k in kinds] == ex.persona_token_mask  # the classes split the training mask
         offsets = tok(record.response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -33,7 +35,9 @@ def test_token_kinds_follow_the_spans(setup):
             covering = [
                 k for (a, b), k in zip(record.persona_spans, record.persona_span_kinds) if a < end and start < b
             ]
-            assert kind == ("other" if not covering else "infer" if "infer" in covering else covering[0])
+            inferable = [k for k in covering if k.startswith("infer")]
+            assert kind == ("other" if not covering else max(inferable) if inferable else covering[0])
+    assert {"copy", "infer", "infer_heldout"} <= {k for ex in examples for k in ex.persona_token_kinds}
 
 
 def test_scores_match_the_training_pass(setup):
@@ -76,6 +80,33 @@ def test_scores_match_the_training_pass(setup):
         assert row.correct == (logits.argmax(-1) == torch.tensor(ex.response_ids)).tolist()
 
 
+def test_training_eval_and_token_eval_share_the_class_scores(setup):
+    """Trainer.evaluate's per-class keys (eval_sums -> eval_metrics) equal token_eval.summarise's numbers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from perce_ds.evaluation.teacher_forced import TOKEN_CLASSES, eval_metrics, eval_sums, score_plain_model
+
+    tok, records, examples = setup
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024))  # fmt: skip
+    scored = score_plain_model(lm.eval(), examples, tok.pad_token_id, 3, with_hits=True)
+    halves = [scored[::2], scored[1::2]]  # two "ranks": sums add up as all_reduce_sum adds them
+    metrics = eval_metrics((eval_sums(halves[0], examples) + eval_sums(halves[1], examples)).tolist())
+    summary = token_eval.summarise(token_eval.score_tokens(lm, tok, records, examples, batch_size=3), clip_min=0.8)
+    for cls in TOKEN_CLASSES:
+        assert summary[cls]["tokens"] > 0, cls  # every class is exercised
+        assert metrics[f"eval_tokens_{cls}"] == summary[cls]["tokens"]
+        assert metrics[f"eval_nll_{cls}"] == pytest.approx(summary[cls]["nll"], rel=1e-12)
+        assert metrics[f"eval_acc_{cls}"] == pytest.approx(summary[cls]["acc"], rel=1e-12)
+    n = sum(len(s.logp) for s in scored)
+    assert metrics["eval_ce"] == pytest.approx(-sum(s.logp.sum() for s in scored) / n)
+    assert metrics["eval_acc"] == pytest.approx(sum(s.hits.sum() for s in scored) / n)
+    bare = [dataclasses.replace(e, persona_token_mask=[], persona_token_kinds=[]) for e in examples]
+    plain = eval_metrics(eval_sums(scored, bare).tolist())  # a split without spans: no class keys at all
+    assert "eval_acc" in plain and not [k for k in plain if k.startswith(("eval_nll_", "eval_tokens_", "eval_acc_"))]
+
+
 def _rows(nll_by_record: list[list[float]], kinds: list[list[str]]) -> list[RecordTokens]:
     return [RecordTokens(f"r{i}", k, [-x for x in n], [0.0] * len(n), [x < 1 for x in n])
             for i, (n, k) in enumerate(zip(nll_by_record, kinds))]  # fmt: skip
@@ -95,6 +126,10 @@ def test_paired_difference_is_the_pooled_token_difference():
     assert s["persona"]["tokens"] == 4 and s["other"]["nll"] == pytest.approx(5.0 / 5)
     with pytest.raises(ValueError, match="different tokens"):
         token_eval.paired_difference(base, _rows(base_nll, [kinds[0], kinds[2], kinds[1]]), "persona")
+    # the PIR detector: threshold selected here (validation) or given (a test split scored at validation's)
+    assert s["pir_detector"]["threshold_from"] == "this split"
+    given = token_eval.summarise(base, clip_min=0.8, threshold=0.25)["pir_detector"]
+    assert given["threshold_from"] == "validation" and given["selected_threshold"] == 0.25
 
 
 def test_compare_token_table_of_two_runs(tmp_path):
@@ -124,5 +159,25 @@ def test_compare_token_table_of_two_runs(tmp_path):
         assert d[cls]["nll"]["diff"] == pytest.approx(s["b"][cls]["nll"] - s["a"][cls]["nll"], abs=1e-9)
         assert d[cls]["nll"]["ci_low"] <= d[cls]["nll"]["diff"] <= d[cls]["nll"]["ci_high"]
     assert "NLL, persona tokens" in md and "PIR detector F1" in md and "copy tokens" not in md  # no kinds here
+    # On the test split the detector threshold of each model is the one selected on validation (eval) above
+    md_test = compare.token_compare([a, b], "", tmp_path / "out_test", split="test")
+    test = json.loads((tmp_path / "out_test" / "tokens.json").read_text())
+    assert test["split"] == "test" and "threshold chosen on validation" in md_test
+    for k in ("step0", "a", "b"):
+        val, tst = s[k]["pir_detector"], test["summaries"][k]["pir_detector"]
+        assert val["threshold_from"] == "this split" and tst["threshold_from"] == "validation"
+        assert tst["selected_threshold"] == val["selected_threshold"]
+    assert test["summaries"]["a"]["n_records"] != s["a"]["n_records"] or test["summaries"]["a"] != s["a"]
     with pytest.raises(SystemExit, match="other data"):
         compare.token_compare([a, make_eval_run(tmp_path / "c", seed=1)], "", tmp_path / "out2")
+
+
+def test_insight_on_test_reports_f1_at_the_threshold_chosen_on_validation(tmp_path):
+    from perce_ds.insight import run_insight
+    from tests.launch_utils import make_eval_run
+
+    run = make_eval_run(tmp_path / "r")
+    val = run_insight(run, split="eval", n_samples=1, limit=6, with_before=False)["after"]["selected"]
+    test = run_insight(run, split="test", n_samples=1, limit=6, with_before=False)["after"]["selected"]
+    assert val["threshold_from"] == "this split" and test["threshold_from"] == "validation"
+    assert test["threshold"] == val["threshold"] and test["n_tokens"] != val["n_tokens"]  # other tokens, same cut

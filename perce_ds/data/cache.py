@@ -20,7 +20,7 @@ from perce_ds.data.records import PersonaRecord
 from perce_ds.fingerprints import digest, records_fingerprint, tokenizer_fingerprint
 
 # Bump when prompt building or tokenisation changes what the same inputs produce.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: persona_token_kinds
 
 
 def split_fingerprint(records: list[PersonaRecord], tokenizer: Any, settings: dict[str, Any]) -> str:

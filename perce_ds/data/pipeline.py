@@ -294,8 +294,8 @@ class SplitProcessor:
 
 CACHE_COLUMNS = (
     "record_id", "user_id", "profile_size", "cond_prompt_ids", "abl_prompt_ids", "response_ids",
-    "persona_token_mask", "profile_items_kept", "profile_items_dropped", "profile_items_trimmed",
-    "profile_tokens_trimmed", "response_capped", "profile_block", "error",
+    "persona_token_mask", "persona_token_kinds", "profile_items_kept", "profile_items_dropped",
+    "profile_items_trimmed", "profile_tokens_trimmed", "response_capped", "profile_block", "error",
 )  # fmt: skip
 
 

@@ -41,6 +41,9 @@ class TokenizedExample:
     abl_prompt_ids: list[int]
     response_ids: list[int]  # ends with EOS; identical in both passes by construction
     persona_token_mask: list[bool] = field(default_factory=list)  # per response token; [] when unknown
+    # per response token: its class ("other", or the kind of the persona span it overlaps; "persona" for a
+    # span without a kind); [] when the record has no spans. The token classes of every per-class score.
+    persona_token_kinds: list[str] = field(default_factory=list)
     profile_items_kept: int = 0
     profile_items_dropped: int = 0
     profile_items_trimmed: int = 0  # kept items whose tail was cut to fit the budget
@@ -133,6 +136,27 @@ def response_token_ids(
     return ids, mask + [False]
 
 
+OTHER_TOKEN = "other"
+# When spans of several kinds overlap one token, the later kind here wins (an inferable value sharing a token
+# with a copied one counts as inferable); kinds not listed rank first.
+KIND_PRECEDENCE = ("persona", "copy", "infer", "infer_heldout")
+
+
+def response_token_kinds(tokenizer: Any, response: str, spans: list[list[int]], kinds: list[str]) -> list[str]:
+    """The class of each response token (end-of-turn token included, always "other"): the kind of the span it
+    overlaps ("persona" for spans without kinds), "other" outside every span; [] without spans."""
+    if not spans:
+        return []
+    labels = kinds or ["persona"] * len(spans)
+    rank = {k: i for i, k in enumerate(KIND_PRECEDENCE)}
+    offsets = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    out = []
+    for start, end in offsets:
+        covering = [k for (s, e), k in zip(spans, labels) if s < end and start < e]
+        out.append(max(covering, key=lambda k: rank.get(k, -1)) if covering else OTHER_TOKEN)
+    return out + [OTHER_TOKEN]
+
+
 def cap_response(ids: list[int], mask: list[bool], max_tokens: int) -> tuple[list[int], list[bool], bool]:
     """Cut a response to its first `max_tokens` ids (0 = no cap); a cut response loses its EOS.
 
@@ -154,6 +178,8 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
     end_id = end_of_turn_id(tokenizer, kw)
     response_ids, persona_mask = response_token_ids(tokenizer, record.response, record.persona_spans, end_id)
     response_ids, persona_mask, capped = cap_response(response_ids, persona_mask, settings.max_response_tokens)
+    token_kinds = response_token_kinds(tokenizer, record.response, record.persona_spans, record.persona_span_kinds)
+    token_kinds = token_kinds[: len(response_ids)]
     abl_ids = _ids(tokenizer, render_prompt(tokenizer, settings.system_prompt, record.query, kw))
     if len(abl_ids) + len(response_ids) > settings.max_length:
         field_name = "response" if len(response_ids) >= settings.max_length else "query"
@@ -177,6 +203,7 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
             abl_prompt_ids=abl_ids,
             response_ids=response_ids,
             persona_token_mask=persona_mask,
+            persona_token_kinds=token_kinds,
             profile_items_kept=fit.kept,
             profile_items_dropped=len(record.profile) - fit.kept,
             profile_items_trimmed=fit.trimmed_items,
@@ -212,6 +239,7 @@ def tokenize_record(record: PersonaRecord, tokenizer: Any, settings: PromptSetti
         abl_prompt_ids=abl_ids,
         response_ids=response_ids,
         persona_token_mask=persona_mask,
+        persona_token_kinds=token_kinds,
         profile_items_kept=kept,
         profile_items_dropped=len(record.profile) - kept,
         profile_tokens_trimmed=sum(item_costs[kept:]),

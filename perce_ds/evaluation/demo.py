@@ -107,6 +107,7 @@ def _score(
         h = np.concatenate(hits)
         res["demo_persona_token_acc"] = float(h[y].mean()) if y.any() else None
         res["demo_other_token_acc"] = float(h[~y].mean()) if (~y).any() else None
+        # the eval split is the validation split: choosing the detector's threshold on it is a selection it may make
         m, b = metrics.marking_scores(pir, truth, 0.0), metrics.best_threshold(pir, truth)
         res.update(demo_pir_f1=m["f1"], demo_pir_precision=m["precision"], demo_pir_recall=m["recall"],
                    demo_pir_positive_rate=m["positive_rate"], demo_pir_random_f1=m["random_f1"],

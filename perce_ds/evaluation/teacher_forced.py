@@ -1,8 +1,9 @@
 """The one teacher-forced pass over a split: per response token, log P with and without the profile, and hits.
 
 Every evaluation that scores ground-truth responses goes through `teacher_forced`: the trainer's periodic
-eval (CE with/without the profile, PIR on persona vs other tokens), the demo's final evaluation, the per-token
-tables of `token_eval` and the PIR views of `insight`. It calls the model exactly as training does
+eval (CE with/without the profile, PIR on persona vs other tokens, and per token class the NLL and accuracy
+that `token_eval` reports too: both sum `class_sums`), the demo's final evaluation, the per-token tables of
+`token_eval` and the PIR views of `insight`. It calls the model exactly as training does
 (PerceLM.forward, both passes in one call, the same collate), so a score here is the number training acts on.
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from perce_ds.data.collate import collate
 from perce_ds.data.order import shard_batches
-from perce_ds.data.prompts import TokenizedExample
+from perce_ds.data.prompts import OTHER_TOKEN, TokenizedExample
 from perce_ds.model import PerceLM
 
 
@@ -78,29 +79,74 @@ def score_plain_model(
     return teacher_forced(module, examples, pad_id, batch_size, next(lm.parameters()).device, with_hits=with_hits)
 
 
-def pir_sums(scored: list[ScoredExample], examples: list[TokenizedExample]) -> torch.Tensor:
-    """[NLL, NLL without the profile, tokens, PIR on persona tokens, persona tokens, PIR on other tokens]
-    summed over `scored`: additive, so ranks all-reduce them before `pir_metrics`."""
-    sums = torch.zeros(6, dtype=torch.float64)
+# Token classes of the per-class scores (TokenizedExample.persona_token_kinds): "persona" is every ground-truth
+# persona token whatever its kind; "copy" / "infer" / "infer_heldout" the kinds of the natural synthetic task
+# (infer_heldout: inferable values whose profile evidence uses phrasings kept out of training); "other" the rest.
+TOKEN_CLASSES = ("persona", "copy", "infer", "infer_heldout", OTHER_TOKEN)
+_N_TOTALS = 8  # leading entries of eval_sums before the per-class ones
+
+
+def class_mask(kinds: np.ndarray, cls: str) -> np.ndarray:
+    """Which tokens of `kinds` (per-token classes) belong to class `cls` of TOKEN_CLASSES."""
+    return kinds != OTHER_TOKEN if cls == "persona" else kinds == cls
+
+
+def class_sums(kinds: list[str], logp: np.ndarray, hits: np.ndarray) -> np.ndarray:
+    """[len(TOKEN_CLASSES), 3]: summed NLL, correct argmaxes and token count per class of one sequence's tokens."""
+    k, nll, hit = np.asarray(kinds), -np.asarray(logp, dtype=np.float64), np.asarray(hits, dtype=np.float64)
+    out = np.zeros((len(TOKEN_CLASSES), 3))
+    for i, cls in enumerate(TOKEN_CLASSES):
+        m = class_mask(k, cls)
+        out[i] = nll[m].sum(), hit[m].sum(), float(m.sum())
+    return out
+
+
+def class_scores(sums: np.ndarray) -> dict[str, dict[str, float | int | None]]:
+    """Per class: NLL (nats per token) and argmax accuracy from `class_sums` summed over sequences (and ranks)."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for cls, (nll, hit, n) in zip(TOKEN_CLASSES, np.asarray(sums, dtype=np.float64).reshape(-1, 3)):
+        out[cls] = {"nll": float(nll / n) if n else None, "acc": float(hit / n) if n else None, "tokens": int(n)}
+    return out
+
+
+def eval_sums(scored: list[ScoredExample], examples: list[TokenizedExample]) -> torch.Tensor:
+    """[NLL, NLL without the profile, tokens, PIR on persona tokens, persona tokens, PIR on other tokens, correct
+    argmaxes, sequences with token classes, then `class_sums` flattened] summed over `scored` (scored with hits):
+    additive, so ranks all-reduce them before `eval_metrics`."""
+    sums = torch.zeros(_N_TOTALS + 3 * len(TOKEN_CLASSES), dtype=torch.float64)
     for s in scored:
         persona = np.zeros(len(s.logp), dtype=bool)
-        mask = examples[s.index].persona_token_mask
+        example = examples[s.index]
+        mask = example.persona_token_mask
         persona[: len(mask)] = mask
         pir = s.pir
-        sums += torch.tensor([
+        sums[:_N_TOTALS] += torch.tensor([
             -s.logp.sum(), -s.logp_ablated.sum(), float(len(s.logp)),
             pir[persona].sum(), float(persona.sum()), pir[~persona].sum(),
+            float(s.hits.sum()), float(bool(example.persona_token_kinds)),
         ], dtype=torch.float64)  # fmt: skip
+        if example.persona_token_kinds:
+            sums[_N_TOTALS:] += torch.from_numpy(class_sums(example.persona_token_kinds, s.logp, s.hits).ravel())
     return sums
 
 
-def pir_metrics(sums: list[float]) -> dict[str, float | None]:
-    """Teacher-forced CE with and without the profile, and mean PIR on persona vs other tokens."""
+def eval_metrics(sums: list[float]) -> dict[str, float | int | None]:
+    """Teacher-forced CE with and without the profile, accuracy, mean PIR on persona vs other tokens and, when
+    the split has persona spans, NLL / accuracy / tokens per token class (eval_nll_<class>, ...)."""
     n, n_persona = sums[2], sums[4]
-    return {
+    out: dict[str, float | int | None] = {
         "eval_ce": sums[0] / n if n else None,
         "eval_ce_ablated": sums[1] / n if n else None,
+        "eval_acc": sums[6] / n if n else None,
         "eval_pir_mean": (sums[1] - sums[0]) / n if n else None,
         "eval_pir_persona_tokens": sums[3] / n_persona if n_persona else None,
         "eval_pir_other_tokens": sums[5] / (n - n_persona) if n > n_persona else None,
     }
+    if sums[7]:  # some sequence has token classes: the split has persona spans
+        for cls, score in class_scores(np.asarray(sums[_N_TOTALS:])).items():
+            out |= {
+                f"eval_nll_{cls}": score["nll"],
+                f"eval_acc_{cls}": score["acc"],
+                f"eval_tokens_{cls}": score["tokens"],
+            }
+    return out

@@ -22,38 +22,27 @@ from typing import Any
 
 import numpy as np
 
-from perce_ds.data.prompts import TokenizedExample, response_token_ids
+from perce_ds.data.prompts import OTHER_TOKEN, TokenizedExample
 from perce_ds.data.records import PersonaRecord
 from perce_ds.evaluation.metrics import best_threshold, marking_scores
-from perce_ds.evaluation.teacher_forced import score_plain_model
+from perce_ds.evaluation.teacher_forced import TOKEN_CLASSES, class_scores, class_sums, score_plain_model
 
-OTHER = "other"
-PERSONA_CLASSES = ("persona", "copy", "infer")  # "persona": every ground-truth persona token, whatever its kind
+OTHER = OTHER_TOKEN
+PERSONA_CLASSES = TOKEN_CLASSES[:-1]  # "persona": every ground-truth persona token, whatever its kind
 
 
 @dataclass
 class RecordTokens:
     record_id: str
-    kinds: list[str]  # per response token: "copy", "infer", "persona" or "other"
+    kinds: list[str]  # per response token: "copy", "infer", "infer_heldout", "persona" or "other"
     logp: list[float]  # log P(token | profile, query, prefix)
     logp_ablated: list[float]  # log P(token | query, prefix)
     correct: list[bool]  # conditioned argmax == token
 
 
-def token_kinds(tokenizer: Any, record: PersonaRecord, example: TokenizedExample) -> list[str]:
-    """The class of each response token of `example`, from the record's spans and their kinds."""
-    n = len(example.response_ids)
-    kinds = [OTHER] * n
-    if not record.persona_spans:
-        return kinds
-    labels = record.persona_span_kinds or ["persona"] * len(record.persona_spans)
-    for label in sorted(set(labels), key=lambda k: k == "infer"):  # "infer" last: it wins a shared token
-        spans = [s for s, k in zip(record.persona_spans, labels) if k == label]
-        _, mask = response_token_ids(tokenizer, record.response, spans)
-        for i, hit in enumerate(mask[:n]):
-            if hit:
-                kinds[i] = label
-    return kinds
+def token_kinds(example: TokenizedExample) -> list[str]:
+    """The class of each response token of `example` (all "other" when its record has no persona spans)."""
+    return list(example.persona_token_kinds) or [OTHER] * len(example.response_ids)
 
 
 def score_tokens(
@@ -63,10 +52,14 @@ def score_tokens(
     examples: list[TokenizedExample],
     batch_size: int = 8,
 ) -> list[RecordTokens]:
-    """RecordTokens for each (record, example) pair, with a plain (unsharded) model in eval mode."""
+    """RecordTokens for each (record, example) pair, with a plain (unsharded) model in eval mode. The token
+    classes come from the examples (TokenizedExample.persona_token_kinds, built from the records' spans)."""
+    stray = [(r.record_id, e.record_id) for r, e in zip(records, examples) if r.record_id != e.record_id]
+    if len(records) != len(examples) or stray:
+        raise ValueError(f"records and examples do not pair up ({len(records)} vs {len(examples)}; e.g. {stray[:2]})")
     scored = score_plain_model(lm, examples, tokenizer.pad_token_id, batch_size, with_hits=True)
     return [
-        RecordTokens(examples[s.index].record_id, token_kinds(tokenizer, records[s.index], examples[s.index]),
+        RecordTokens(examples[s.index].record_id, token_kinds(examples[s.index]),
                      s.logp.tolist(), s.logp_ablated.tolist(), s.hits.tolist())
         for s in scored
     ]  # fmt: skip
@@ -81,36 +74,34 @@ def load(path: Path) -> list[RecordTokens]:
     return [RecordTokens(**r) for r in json.loads(path.read_text())["records"]]
 
 
-def _class_mask(kinds: np.ndarray, cls: str) -> np.ndarray:
-    return kinds != OTHER if cls == "persona" else kinds == cls
-
-
 def per_record_sums(rows: list[RecordTokens], cls: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per record: summed NLL, summed correct argmaxes and token count of class `cls`."""
-    nll, hit, count = [], [], []
-    for r in rows:
-        m = _class_mask(np.asarray(r.kinds), cls)
-        nll.append(-np.asarray(r.logp)[m].sum())
-        hit.append(np.asarray(r.correct, dtype=np.float64)[m].sum())
-        count.append(float(m.sum()))
-    return np.asarray(nll), np.asarray(hit), np.asarray(count)
+    """Per record: summed NLL, summed correct argmaxes and token count of class `cls` (teacher_forced.class_sums,
+    which the trainer's periodic evaluation sums too)."""
+    i = TOKEN_CLASSES.index(cls)
+    sums = np.asarray([class_sums(r.kinds, r.logp, r.correct)[i] for r in rows]).reshape(-1, 3)
+    return sums[:, 0], sums[:, 1], sums[:, 2]
 
 
-def summarise(rows: list[RecordTokens], clip_min: float) -> dict[str, Any]:
-    """Per class NLL / accuracy / token count, PIR detector scores and the share of PIR > clip_min."""
+def summarise(rows: list[RecordTokens], clip_min: float, threshold: float | None = None) -> dict[str, Any]:
+    """Per class NLL / accuracy / token count, PIR detector scores and the share of PIR > clip_min.
+
+    The detector's threshold is a selection: with `threshold` None it is chosen here (best F1), so `rows` must be
+    the validation split; to score a test split pass the threshold chosen on validation (`selected_threshold` of
+    the validation summary), and the test F1 is reported at it ("threshold_from": "validation").
+    """
     out: dict[str, Any] = {"n_records": len(rows)}
-    for cls in (*PERSONA_CLASSES, OTHER):
-        nll, hit, count = per_record_sums(rows, cls)
-        n = count.sum()
-        out[cls] = {"nll": nll.sum() / n if n else None, "acc": hit.sum() / n if n else None, "tokens": int(n)}
+    out |= class_scores(sum((class_sums(r.kinds, r.logp, r.correct) for r in rows), np.zeros((len(TOKEN_CLASSES), 3))))
     pir = [np.asarray(r.logp) - np.asarray(r.logp_ablated) for r in rows]
     truth = [[k != OTHER for k in r.kinds] for r in rows]
     all_pir = np.concatenate(pir) if pir else np.zeros(0)
     persona = np.concatenate([np.asarray(t, dtype=bool) for t in truth]) if truth else np.zeros(0, dtype=bool)
     if persona.any():
-        at0, best = marking_scores(pir, truth, 0.0), best_threshold(pir, truth)
-        out["pir_detector"] = {"f1_at_0": at0["f1"], "random_f1_at_0": at0["random_f1"], "best_f1": best["f1"],
-                               "best_threshold": best["threshold"], "random_f1_at_best": best["random_f1"]}  # fmt: skip
+        at0 = marking_scores(pir, truth, 0.0)
+        chosen = best_threshold(pir, truth) if threshold is None else marking_scores(pir, truth, threshold)
+        out["pir_detector"] = {"f1_at_0": at0["f1"], "random_f1_at_0": at0["random_f1"],
+                               "selected_threshold": chosen["threshold"], "f1_at_selected": chosen["f1"],
+                               "random_f1_at_selected": chosen["random_f1"],
+                               "threshold_from": "this split" if threshold is None else "validation"}  # fmt: skip
     out["pir_mean"] = {
         "persona": float(all_pir[persona].mean()) if persona.any() else None,
         "other": float(all_pir[~persona].mean()) if (~persona).any() else None,
