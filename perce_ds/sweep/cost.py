@@ -28,15 +28,17 @@ def cell_config(spec: SweepSpec, cell: Cell, root: Path) -> RunConfig:
     return RunConfig.load(root / spec.base, parse_overrides(args))
 
 
-def train_records(cfg: RunConfig, root: Path) -> int:
+def train_records(cfg: RunConfig, root: Path) -> int | None:
+    """Training records from the synthetic settings or the JSONL lines; None when a file is missing or not JSONL."""
     syn = cfg.data.synthetic
     if syn.enabled:
         return syn.users * syn.train_per_user
     total = 0
     for name in cfg.data.train_files:
         path = root / name
-        if path.suffix == ".jsonl" and path.is_file():
-            total += sum(1 for line in path.open() if line.strip())
+        if path.suffix != ".jsonl" or not path.is_file():
+            return None
+        total += sum(1 for line in path.open() if line.strip())
     return total
 
 
@@ -63,8 +65,9 @@ def estimate(spec: SweepSpec, cell: Cell, root: Path, measured: float | None) ->
     cfg = cell_config(spec, cell, root)
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum * spec.num_gpus
-    steps = t.max_steps or t.epochs * (train_records(cfg, root) // global_batch)
-    evals = (steps // t.eval_every if t.eval_every else 0) + 1
+    records = train_records(cfg, root)
+    steps = t.max_steps or (t.epochs * (records // global_batch) if records is not None else None)
+    evals = (max((steps or 0) - 1, 0) // t.eval_every if t.eval_every else 0) + 1  # + the final one
     if measured is not None:
         step_s, source = measured, "measured"
     elif spec.step_seconds is not None:
@@ -74,7 +77,7 @@ def estimate(spec: SweepSpec, cell: Cell, root: Path, measured: float | None) ->
         step_s = DEFAULT_STEP_S_PER_100M * (n or 1.35e8) / 1e8
         source = "default per model size" if n else "default (model size unknown: SmolLM2-135M's)"
     return {"steps": steps, "evals": evals, "step_seconds": step_s, "source": source,
-            "seconds": spec.startup_seconds + steps * step_s + evals * spec.eval_seconds}  # fmt: skip
+            "seconds": spec.startup_seconds + (steps or 0) * step_s + evals * spec.eval_seconds}  # fmt: skip
 
 
 def human(seconds: float) -> str:

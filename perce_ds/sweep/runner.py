@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from perce_ds.errors import UserError
 from perce_ds.sweep import cost, plots, report, scoring
 from perce_ds.sweep.cells import Cell, SweepError, is_done, run_cell
 from perce_ds.sweep.select import MethodSelection, select_all
@@ -49,6 +50,7 @@ def run_one(spec: SweepSpec, root: Path, stage: int, index: int) -> bool:
 def run_all(spec: SweepSpec, root: Path, log=print) -> None:
     """Every cell of every stage, in order, skipping finished ones; then test scoring and the report."""
     env = child_env(root)
+    check_configs(spec, root)
     for stage in range(len(spec.stages) + 1):
         cells = stage_cells(spec, root)[stage]
         if not cells:
@@ -57,6 +59,17 @@ def run_all(spec: SweepSpec, root: Path, log=print) -> None:
             log(f"[stage {stage} cell {i + 1}/{len(cells)}] {cell.id}")
             log("  done, skipped" if not run_cell(spec, cell, root, env) else "  finished")
     aggregate(spec, root, score=True, log=log)
+
+
+def check_configs(spec: SweepSpec, root: Path) -> None:
+    """Resolve every cell's config before training any (a typo in a later stage fails now, not hours later)."""
+    methods, stages = select_all(spec, root)
+    for cells in _placeholder_stages(spec, methods, stages):
+        for c in cells:
+            try:
+                cost.cell_config(spec, c, root)
+            except UserError as e:
+                raise SweepError(f"{spec.path}: cell {c.id} ({dump_overrides(c.as_dict)}): {e}") from None
 
 
 def aggregate(spec: SweepSpec, root: Path, score: bool, log=print) -> dict[str, Any]:
@@ -103,12 +116,17 @@ def dry_run(spec: SweepSpec, root: Path) -> str:
         )
         lines.append(f"{name}: {len(cells)} cells{lr_note}")
         for c in cells:
-            est = cost.estimate(spec, c, root, measured)
-            total += est["seconds"]
             state = "done" if stages[s] and is_done(spec, c, root) else ("todo" if stages[s] else "pending")
-            lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] {est['steps']} steps x "
-                         f"{est['step_seconds']:.2f} s ({est['source']}) + {est['evals']} evals x {spec.eval_seconds:g} s "
-                         f"+ {spec.startup_seconds:g} s start = {cost.human(est['seconds'])}")  # fmt: skip
+            try:
+                est = cost.estimate(spec, c, root, measured)
+            except UserError as e:  # listed, not hidden: the cell would fail the same way when it runs
+                lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] cannot be resolved: {e}")
+                continue
+            total += est["seconds"]
+            steps = f"{est['steps']} steps" if est["steps"] is not None else "? steps (training files missing)"
+            lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] {steps} x {est['step_seconds']:.2f} s "
+                         f"({est['source']}) + {est['evals']} evals x {spec.eval_seconds:g} s + "
+                         f"{spec.startup_seconds:g} s start = {cost.human(est['seconds'])}")  # fmt: skip
     lines.append(f"\ntotal (all cells, sequential): {cost.human(total)}, plus test scoring of the selected runs")
     return "\n".join(lines)
 
