@@ -280,3 +280,31 @@ def test_the_table_is_rebuilt_from_the_committed_files_alone(slurm_sweep, tmp_pa
         check(run_job([sys.executable, SWEEP, "--recipe", recipe, *extra], 120))
         assert (tmp_path / "committed" / "sweep.md").read_text() == (slurm_sweep / "committed" / "sweep.md").read_text()
         assert not (tmp_path / "runs").exists()
+
+
+def test_plots_show_each_class_logged_and_the_frontier_of_every_cell(tmp_path):
+    """Learning curves and the frontier from committed eval_metrics.jsonl rows carrying the per-class NLL keys the
+    training-time evaluation logs when the validation split has persona spans (synthetic rows here)."""
+    from perce_ds.sweep import plots
+
+    spec = load_spec(write_spec(tmp_path), ROOT)
+    for i, cell in enumerate(cells_of_grid(spec)):
+        fake_finished(spec, cell, 2.0 + i, step=2)
+        rows = [{"step": s, "eval_ce": 3.0 - s / 4 + i, "eval_nll_persona": 4.0 - s / 2 + i, "eval_nll_other": 2.5 - s / 8}
+                for s in (2, 4)]  # fmt: skip
+        (committed_dir(spec, cell, ROOT) / "eval_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    methods, _ = select_all(spec, ROOT)
+    curves = plots.learning_curves(spec, methods, ROOT, tmp_path / "curves.png")
+    frontier = plots.frontier(spec, methods, ROOT, tmp_path / "frontier.png")
+    assert curves is not None and curves.stat().st_size > 0 and frontier is not None and frontier.stat().st_size > 0
+    assert [k for k, _ in plots.present_classes(spec, methods, ROOT)] == [
+        "eval_ce",
+        "eval_nll_persona",
+        "eval_nll_other",
+    ]
+    assert sorted(p[:2] for p in plots.frontier_points(spec, methods, ROOT)["scheme=ce"]) == [(2.25, 3.0), (2.25, 4.0)]
+    for cell in cells_of_grid(spec):  # eval_ce only (data without spans): curves of it, no frontier
+        path = committed_dir(spec, cell, ROOT) / "eval_metrics.jsonl"
+        path.write_text("".join(json.dumps({"step": s, "eval_ce": 3.0 - s / 4}) + "\n" for s in (2, 4)))
+    assert plots.frontier(spec, methods, ROOT, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    assert [k for k, _ in plots.present_classes(spec, methods, ROOT)] == ["eval_ce"]

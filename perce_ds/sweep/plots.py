@@ -16,6 +16,12 @@ def _rows(spec: SweepSpec, cell: Cell, root: Path) -> list[dict]:
     return read_jsonl(committed_dir(spec, cell, root) / "eval_metrics.jsonl")
 
 
+def present_classes(spec: SweepSpec, methods: list[MethodSelection], root: Path) -> list[tuple[str, str]]:
+    """The CURVE_CLASSES keys the selected runs' evaluations logged (a class without spans is not logged)."""
+    rows = [r for m in methods for c in m.selected for r in _rows(spec, c, root)]
+    return [(k, t) for k, t in CURVE_CLASSES if any(r.get(k) is not None for r in rows)]
+
+
 def learning_curves(spec: SweepSpec, methods: list[MethodSelection], root: Path, out_png: Path) -> Path | None:
     """Validation NLL per class over steps, each method at its selected lr (mean over seeds); absent classes skipped."""
     import matplotlib
@@ -25,7 +31,7 @@ def learning_curves(spec: SweepSpec, methods: list[MethodSelection], root: Path,
 
     chosen = [m for m in methods if m.selected]
     data = {m.label: [_rows(spec, c, root) for c in m.selected] for m in chosen}
-    keys = [(k, t) for k, t in CURVE_CLASSES if any(k in r for runs in data.values() for rows in runs for r in rows)]
+    keys = present_classes(spec, methods, root)
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
@@ -52,6 +58,22 @@ def learning_curves(spec: SweepSpec, methods: list[MethodSelection], root: Path,
     return out_png
 
 
+def frontier_points(
+    spec: SweepSpec, methods: list[MethodSelection], root: Path
+) -> dict[str, list[tuple[float, float, str]]]:
+    """method label -> [(other-token NLL, persona-token NLL, lr)] at each finished cell's best-validation step."""
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    for m in methods:
+        for lr, entry in m.by_lr.items():
+            for cell_id in entry["runs"]:
+                d = root / spec.commit_dir / "cells" / cell_id
+                step = read_json(d / "best.json")["step"]
+                row = next((r for r in read_jsonl(d / "eval_metrics.jsonl") if r["step"] == step), {})
+                if row.get("eval_nll_other") is not None and row.get("eval_nll_persona") is not None:
+                    points.setdefault(m.label, []).append((row["eval_nll_other"], row["eval_nll_persona"], f"{lr:g}"))
+    return points
+
+
 def frontier(spec: SweepSpec, methods: list[MethodSelection], root: Path, out_png: Path) -> Path | None:
     """Each finished cell's best-validation point: other-token NLL (x) against persona-token NLL (y), per method."""
     import matplotlib
@@ -59,16 +81,7 @@ def frontier(spec: SweepSpec, methods: list[MethodSelection], root: Path, out_pn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points: dict[str, list[tuple[float, float, str]]] = {}
-    for m in methods:
-        for entry in m.by_lr.values():
-            for cell_id in entry["runs"]:
-                d = root / spec.commit_dir / "cells" / cell_id
-                step = read_json(d / "best.json")["step"]
-                row = next((r for r in read_jsonl(d / "eval_metrics.jsonl") if r["step"] == step), {})
-                if row.get("eval_nll_other") is not None and row.get("eval_nll_persona") is not None:
-                    lr = next(lr for lr, e in m.by_lr.items() if cell_id in e["runs"])
-                    points.setdefault(m.label, []).append((row["eval_nll_other"], row["eval_nll_persona"], f"{lr:g}"))
+    points = frontier_points(spec, methods, root)
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
