@@ -3,7 +3,7 @@
     python launch/sweep.py --recipe recipes/persona_smollm2_sweep.yaml             # run what is left, then report
     python launch/sweep.py --recipe recipes/persona_smollm2_sweep.yaml --dry-run   # the cells and their cost
     python launch/sweep.py --recipe R --only-aggregate      # table + plots from the committed cell files only
-    bash launch/slurm/sweep.sh R                            # the same on SLURM: one array task per cell
+    python launch/sweep.py --recipe R --slurm               # = bash launch/slurm/sweep.sh R: one array task per cell
 
 Each cell is `launch/train.py` (or `deepspeed --num_gpus N launch/train.py`) with the cell's overrides,
 `--train.resume auto` and `--train.keep_best <metric>`; finished cells are skipped, a killed one resumes. The
@@ -25,18 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the cells, their overrides and estimated cost")
     p.add_argument("--only-aggregate", action="store_true",
                    help="train and score nothing: rebuild the table and plots from the committed files")  # fmt: skip
+    p.add_argument("--slurm", action="store_true", help="submit the sweep to SLURM (bash launch/slurm/sweep.sh RECIPE)")
     p.add_argument("--pending", action="store_true",
                    help="print 'STAGE i,j,...' (the next stage's cells not done) or 'none' (used by sweep.sh)")  # fmt: skip
     p.add_argument("--stage", type=int, default=0, help="with --cell-index: the stage (0 = the grid)")
     p.add_argument("--cell-index", type=int, help="run this one cell of --stage (a SLURM array task) and exit")
-    p.add_argument("--root", type=Path, default=ROOT, help="repository root the recipe's paths are relative to")
     args = p.parse_args(argv)
 
     from perce_ds.sweep import runner
     from perce_ds.sweep.spec import load_spec
 
-    root = args.root.resolve()
-    spec = load_spec(args.recipe if args.recipe.is_absolute() else Path.cwd() / args.recipe, root)
+    root = ROOT  # the recipe's relative paths and the entry points are the repository's
+    recipe = args.recipe if args.recipe.is_absolute() else Path.cwd() / args.recipe
+    spec = load_spec(recipe, root)
+    if args.slurm:
+        import subprocess
+
+        return subprocess.call(["bash", str(root / "launch" / "slurm" / "sweep.sh"), str(recipe)])
     if args.dry_run:
         print(runner.dry_run(spec, root))
     elif args.pending:

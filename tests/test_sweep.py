@@ -204,12 +204,12 @@ E2E_GRID = {"loss.scheme": ["ce", "perce"], "train.lr": [3.0e-3]}
 
 @pytest.fixture(scope="module")
 def slurm_sweep(tmp_path_factory) -> Path:
-    """The tiny sweep run through launch/slurm/sweep.sh under the stub scheduler (uninterrupted)."""
+    """The tiny sweep run through launch/slurm/sweep.sh (`launch/sweep.py --slurm`) under the stub scheduler."""
     tmp = tmp_path_factory.mktemp("sweep_slurm")
     env = launch_env()
     env.update(PATH=f"{STUB}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
                SLURM_STUB_DIR=str(tmp / "slurm"), PERCE_PYTHON=sys.executable)  # fmt: skip
-    check(run_job(["bash", ROOT / "launch" / "slurm" / "sweep.sh", write_spec(tmp, grid=E2E_GRID)], 400, env=env))
+    check(run_job([sys.executable, SWEEP, "--recipe", write_spec(tmp, grid=E2E_GRID), "--slurm"], 400, env=env))
     return tmp
 
 
@@ -308,3 +308,20 @@ def test_plots_show_each_class_logged_and_the_frontier_of_every_cell(tmp_path):
         path.write_text("".join(json.dumps({"step": s, "eval_ce": 3.0 - s / 4}) + "\n" for s in (2, 4)))
     assert plots.frontier(spec, methods, ROOT, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
     assert [k for k, _ in plots.present_classes(spec, methods, ROOT)] == ["eval_ce"]
+
+
+def test_test_scores_of_another_selection_are_refused_not_rescored(tmp_path):
+    from perce_ds.sweep import scoring
+
+    spec = load_spec(write_spec(tmp_path), ROOT)
+    for i, cell in enumerate(cells_of_grid(spec)):
+        fake_finished(spec, cell, 1.0 + i)
+    methods, _ = select_all(spec, ROOT)
+    marker = tmp_path / "committed" / scoring.MARKER
+    assert not scoring.test_scored(spec, methods, ROOT)
+    marker.write_text(json.dumps({"selection": scoring.selection_record(methods)}))
+    assert scoring.test_scored(spec, methods, ROOT)
+    fake_finished(spec, cells_of_grid(spec)[0], 9.0)  # validation now selects ce's other lr
+    methods, _ = select_all(spec, ROOT)
+    with pytest.raises(SweepError, match="scored for another selection"):
+        scoring.test_scored(spec, methods, ROOT)
