@@ -15,15 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from perce_ds.best import KeepBest
+from perce_ds.checkpoint import consolidated_lm_weights
 from perce_ds.errors import UserError
 from perce_ds.sweep import bootstrap
 from perce_ds.sweep.cells import DONE, SweepError, cells_of_grid, committed_dir, config_hash, is_done
 from perce_ds.sweep.select import select_all
 from perce_ds.sweep.spec import SweepSpecError, load_spec
-from tests.launch_utils import ROOT, check, launch_env, run_job
+from tests.launch_utils import ROOT, check, launch_env, load_safetensors, run_job
 
 SWEEP = ROOT / "launch" / "sweep.py"
 STUB = ROOT / "tests" / "slurm_stub"
@@ -235,7 +237,10 @@ def test_slurm_array_path_runs_the_sweep_and_keeps_the_best_checkpoint(slurm_swe
         best = json.loads((cell / "best.json").read_text())
         first_min = min(rows, key=lambda r: r["eval_ce"])
         assert len(rows) == 2 and (best["step"], best["value"]) == (first_min["step"], first_min["eval_ce"])
-        assert (tmp / "runs" / cell.name / "hf_best" / "model.safetensors").is_file()
+        # hf_best holds the weights of the best step (the checkpoint of that step: save_every 2, keep_last 2)
+        exported = load_safetensors(tmp / "runs" / cell.name / "hf_best" / "model.safetensors")
+        saved = consolidated_lm_weights(tmp / "runs" / cell.name / "checkpoints" / f"step_{best['step']}")
+        assert exported.keys() <= saved.keys() and all(torch.equal(v, saved[k]) for k, v in exported.items())
     rows = {(r["metric"], r["class"]): r for r in result["test"]["rows"]}
     assert {("nll", "persona"), ("nll", "other"), ("nll", "all"), ("rougeL", None), ("meteor", None)} <= set(rows)
     nll = rows[("nll", "all")]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -128,8 +129,9 @@ def keep_best_metric(spec: SweepSpec) -> str:
 
 def train_command(spec: SweepSpec, cell: Cell, root: Path) -> list[str]:
     """The existing entry point as a user runs it: `python launch/train.py` (1 process) or the DeepSpeed launcher."""
-    if spec.num_gpus > 1:
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(spec.num_gpus)]
+    if spec.num_gpus > 1:  # a free port: array tasks of one sweep may share a node
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(spec.num_gpus),
+                    "--master_port", str(free_port())]  # fmt: skip
     else:
         launcher = [sys.executable]
     mode = spec.select_mode if spec.select_metric.startswith("eval_") else "min"
@@ -138,6 +140,12 @@ def train_command(spec: SweepSpec, cell: Cell, root: Path) -> list[str]:
     args = [f"--{k}={v}" for k, v in {**spec.overrides, **cell.as_dict, **fixed}.items()]
     return [*launcher, str(root / "launch" / "train.py"), "--deepspeed", str(root / spec.deepspeed),
             "--recipe", str(root / spec.base), *args]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def generation_scores(run: Path, model: Path, split: str, name: str, max_new_tokens: int, data: list[str] = ()) -> Path:
