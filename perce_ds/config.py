@@ -171,6 +171,10 @@ class TrainConfig:
     max_wall_time: float = 0.0  # seconds; like a SIGUSR1 when reached (checkpoint, exit for requeue); 0 = off
     log_every: int = 1
     eval_every: int = 0  # steps between teacher-forced evaluations of the eval split; 0 = only at the end
+    # export <run>/hf_best (+ best.json) whenever this eval metric (an eval_metrics.jsonl key, e.g. eval_ce)
+    # improves: the early-stopping checkpoint a validated sweep selects; "" = off
+    keep_best: str = ""
+    keep_best_mode: Literal["min", "max"] = "min"  # min: lower is better (NLL); max: higher (accuracy)
     max_nonfinite_steps: int = 3  # consecutive refused steps before the run stops
     export_hf: bool = True
     save_init_model: bool = False  # export the starting model to <run>/hf_init (before/after insight)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from perce_ds import checkpoint, estep
+from perce_ds.best import KeepBest
 from perce_ds.config import RunConfig
 from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
 from perce_ds.data.order import DataOrder
@@ -113,6 +114,8 @@ class Trainer:
         if not inference_only:
             self._write_run_files()
             self._maybe_resume()
+        t = cfg.train
+        self.best = KeepBest(self.run_dir, t.keep_best, t.keep_best_mode, resuming=self.start_step > 0)
 
     # ---------------------------------------------------------------- setup
     def _build_engine(self, ds_config_path: str | Path) -> tuple[Any, PerceLM]:
@@ -399,6 +402,10 @@ class Trainer:
         evaluation = self.evaluate()
         if evaluation:  # no eval split: nothing to log
             self.metrics.log(step, evaluation, split="eval")
+        if not self.inference_only and self.best.improves(evaluation):  # the same values on every rank
+            self._export_hf("hf_best.tmp")
+            if self.is_rank0:
+                self.best.commit(step, evaluation, self.run_dir / "hf_best.tmp")
         return evaluation
 
     def _generation_eval(self) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""`--dry-run` cost of a cell: optimizer steps x seconds per step, plus its evaluations.
+
+Steps come from the resolved config without touching data or model: train.max_steps, else epochs x
+(training records // global batch), training records counted from the synthetic settings or the JSONL files.
+Seconds per step: the median `step_time_s` of a finished cell of the sweep when one exists (measured), else the
+recipe's `cost.step_seconds`, else DEFAULT_STEP_S_PER_100M x parameters / 100 M (stated default: SmolLM2-135M at
+~25 s per step of global batch 4 on 2 CPU ranks, README), from the model's config.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from perce_ds.cli import parse_overrides
+from perce_ds.config import RunConfig
+from perce_ds.sweep.cells import Cell, committed_dir, read_jsonl
+from perce_ds.sweep.spec import SweepSpec
+
+DEFAULT_STEP_S_PER_100M = 18.5  # 25 s / 1.35 (x 100 M parameters): 2 CPU ranks, fp32, global batch 4
+
+
+def cell_config(spec: SweepSpec, cell: Cell, root: Path) -> RunConfig:
+    """The cell's resolved config (nothing loaded but YAML)."""
+    args = [f"--{k}={v}" for k, v in {**spec.overrides, **cell.as_dict}.items()]
+    return RunConfig.load(root / spec.base, parse_overrides(args))
+
+
+def train_records(cfg: RunConfig, root: Path) -> int | None:
+    """Training records from the synthetic settings or the JSONL lines; None when a file is missing or not JSONL."""
+    syn = cfg.data.synthetic
+    if syn.enabled:
+        return syn.users * syn.train_per_user
+    total = 0
+    for name in cfg.data.train_files:
+        path = root / name
+        if path.suffix != ".jsonl" or not path.is_file():
+            return None
+        total += sum(1 for line in path.open() if line.strip())
+    return total
+
+
+def parameters(cfg: RunConfig, root: Path) -> float | None:
+    """Approximate parameter count from the model's config (12 L H^2 + V H)."""
+    conf: dict[str, Any] | None = cfg.model.config
+    if conf is None and cfg.model.name_or_path and (root / cfg.model.name_or_path / "config.json").is_file():
+        conf = json.loads((root / cfg.model.name_or_path / "config.json").read_text())
+    if not conf or "hidden_size" not in conf:
+        return None
+    h, layers = conf["hidden_size"], conf.get("num_hidden_layers", 1)
+    return 12 * layers * h * h + conf.get("vocab_size", cfg.model.tokenizer_vocab_size) * h
+
+
+def measured_step_seconds(spec: SweepSpec, cells: list[Cell], root: Path) -> float | None:
+    times = [r["step_time_s"] for c in cells for r in read_jsonl(committed_dir(spec, c, root) / "metrics.jsonl")
+             if r.get("step_time_s")]  # fmt: skip
+    return statistics.median(times) if times else None
+
+
+def estimate(spec: SweepSpec, cell: Cell, root: Path, measured: float | None) -> dict[str, Any]:
+    """{steps, evals, step_seconds, source, seconds} of one cell (seconds include the process start-up and
+    model load, `cost.startup_seconds`)."""
+    cfg = cell_config(spec, cell, root)
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum * spec.num_gpus
+    records = train_records(cfg, root)
+    steps = t.max_steps or (t.epochs * (records // global_batch) if records is not None else None)
+    evals = (max((steps or 0) - 1, 0) // t.eval_every if t.eval_every else 0) + 1  # + the final one
+    if measured is not None:
+        step_s, source = measured, "measured"
+    elif spec.step_seconds is not None:
+        step_s, source = float(spec.step_seconds), "recipe cost.step_seconds"
+    else:
+        n = parameters(cfg, root)
+        step_s = DEFAULT_STEP_S_PER_100M * (n or 1.35e8) / 1e8
+        source = "default per model size" if n else "default (model size unknown: SmolLM2-135M's)"
+    return {"steps": steps, "evals": evals, "step_seconds": step_s, "source": source,
+            "seconds": spec.startup_seconds + (steps or 0) * step_s + evals * spec.eval_seconds}  # fmt: skip
+
+
+def human(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"

@@ -1,0 +1,151 @@
+"""The sweep's table: validation selection per method, then test scores with user-level paired intervals.
+
+Reads only the committed files (`<commit_dir>/cells/<id>/`, `<commit_dir>/step0/`), so a clone of the repository
+rebuilds `<commit_dir>/sweep.md` and `sweep.json` without any run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perce_ds.sweep.bootstrap import __doc__ as INTERVAL_METHOD
+from perce_ds.sweep.bootstrap import paired_user_bootstrap, per_user, point, user_index
+from perce_ds.sweep.cells import SweepError, committed_dir, read_json, read_jsonl
+from perce_ds.sweep.scoring import ALL
+from perce_ds.sweep.select import MethodSelection
+from perce_ds.sweep.spec import SweepSpec
+
+NLL_CLASSES = ("persona", "copy", "infer", "infer_heldout", "other", ALL)
+ACC_CLASSES = ("persona", "other", ALL)
+GEN_METRICS = (("rougeL", "ROUGE-L"), ("meteor", "METEOR"))
+
+
+def load_scores(test_dir: Path) -> dict[str, dict[str, Any]]:
+    """record_id -> {"user", class: [nll, hits, tokens], "rougeL", "meteor"} of one scored model."""
+    if not (test_dir / "tokens.json").is_file():
+        raise SweepError(f"{test_dir}: no test scores (tokens.json); run the sweep (without --only-aggregate) first")
+    rows = read_json(test_dir / "tokens.json")
+    for g in read_jsonl(test_dir / "generation_per_record.jsonl"):
+        if g["record_id"] in rows:
+            rows[g["record_id"]].update({m: g[m] for m, _ in GEN_METRICS})
+    return rows
+
+
+def _arrays(
+    models: list[dict[str, dict[str, Any]]], ids: list[str], metric: tuple[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """[seeds, records] numerator and denominator of `metric` ((kind, class) or (generation metric, ""))."""
+    kind, cls = metric
+    num = np.zeros((len(models), len(ids)))
+    den = np.zeros_like(num)
+    for s, rows in enumerate(models):
+        for r, rid in enumerate(ids):
+            row = rows[rid]
+            if kind in ("nll", "acc"):
+                num[s, r], den[s, r] = row[cls][0 if kind == "nll" else 1], row[cls][2]
+            else:
+                num[s, r], den[s, r] = row.get(kind, 0.0), 1.0
+    return num, den
+
+
+def test_table(spec: SweepSpec, methods: list[MethodSelection], root: Path, n_resamples: int = 2000) -> dict[str, Any]:
+    """Per metric: the starting model's value, each method's (mean over its seeds) and its difference to the
+    first method with a user-level paired 95 % interval."""
+    scored = {m.label: [load_scores(committed_dir(spec, c, root) / "test") for c in m.selected] for m in methods}
+    step0 = load_scores(root / spec.commit_dir / "step0" / "test")
+    ids = sorted(step0)
+    for label, models in scored.items():
+        for rows in models:
+            if sorted(rows) != ids:
+                raise SweepError(f"method {label}: its test scores cover other records than the starting model's")
+    users, idx = user_index([step0[r]["user"] for r in ids])
+    metrics: list[tuple[str, str]] = [("nll", c) for c in NLL_CLASSES if step0[ids[0]].get(c) is not None]
+    metrics = [m for m in metrics if sum(step0[r][m[1]][2] for r in ids) > 0]
+    metrics += [("acc", c) for c in ACC_CLASSES if ("nll", c) in metrics]
+    metrics += [(m, "") for m, _ in GEN_METRICS if m in step0[ids[0]]]
+    base = methods[0].label
+    rows = []
+    for metric in metrics:
+        n0, d0 = (per_user(a, idx, len(users)) for a in _arrays([step0], ids, metric))
+        sums = {
+            lab: tuple(per_user(a, idx, len(users)) for a in _arrays(models, ids, metric))
+            for lab, models in scored.items()
+        }
+        row: dict[str, Any] = {"metric": metric[0], "class": metric[1] or None, "tokens": int(d0.sum()) if metric[0] == "nll" else None,
+                               "step0": point(n0, d0), "methods": {}}  # fmt: skip
+        for m in methods:
+            entry: dict[str, Any] = {"value": point(*sums[m.label]), "seeds": [c.seed for c in m.selected]}
+            if m.label != base:
+                entry["vs_base"] = paired_user_bootstrap(sums[base], sums[m.label], n_resamples)
+            row["methods"][m.label] = entry
+        rows.append(row)
+    return {"rows": rows, "base": base, "n_users": len(users), "n_records": len(ids)}
+
+
+def _name(row: dict[str, Any]) -> str:
+    if row["metric"] == "nll":
+        return f"NLL, {row['class']} tokens ({row['tokens']})"
+    if row["metric"] == "acc":
+        return f"accuracy, {row['class']} tokens"
+    return dict(GEN_METRICS)[row["metric"]] + " (x100, greedy)"
+
+
+def _fmt(x: float | None, scale: float, digits: int, sign: bool = False) -> str:
+    return "n/a" if x is None else f"{scale * x:{'+' if sign else ''}.{digits}f}"
+
+
+def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any] | None) -> str:
+    """Markdown: the validation selection, then the test table (when scored)."""
+    lines = [f"# Sweep {spec.name}: validated comparison", "",
+             f"Base recipe `{spec.base}`; selection on the validation split by `{spec.select_metric}` "
+             f"({'lower' if spec.select_mode == 'min' else 'higher'} is better): per method, the learning rate with the "
+             "best mean over seeds of each run's best validation value, and each run's best validation checkpoint "
+             "(hf_best). The test split was scored once, after selection.", "",
+             "## Validation selection", "", f"| method | stage | lr | mean best {spec.select_metric} | per seed (value @ step) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for m in methods:
+        if m.selected_lr is None:
+            lines.append(f"| {m.label} | {m.stage} | pending | | |")
+            continue
+        for lr, entry in m.by_lr.items():
+            mark = " **(selected)**" if lr == m.selected_lr else ""
+            seeds = ", ".join(f"s{r['seed']}: {r['value']:.4f} @ {r['step']}" for r in entry["runs"].values())
+            lines.append(f"| {m.label} | {m.stage} | {lr:g}{mark} | {entry['mean']:.4f} | {seeds} |")
+    if table is None:
+        return "\n".join(lines) + "\n\nTest split: not scored yet (every cell must be done first).\n"
+    base = table["base"]
+    head = ["test split", "step 0", *(m.label for m in methods)]
+    lines += ["", f"## Test ({table['n_records']} records of {table['n_users']} users)", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for row in table["rows"]:
+        scale, digits = (100.0, 2) if row["metric"] not in ("nll", "acc") else (1.0, 3)
+        cells = [_name(row), _fmt(row["step0"], scale, digits)]
+        for m in methods:
+            e = row["methods"][m.label]
+            text = _fmt(e["value"], scale, digits)
+            if m.label != base and e["vs_base"]["diff"] is not None:
+                d = e["vs_base"]
+                text += f" ({_fmt(d['diff'], scale, digits, True)} [{_fmt(d['ci_low'], scale, digits, True)}, {_fmt(d['ci_high'], scale, digits, True)}])"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Differences: method - {base} (mean over each method's seeds), 95 % interval:"
+        + INTERVAL_METHOD.split("\n", 1)[1],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any] | None, root: Path) -> Path:
+    """<commit_dir>/sweep.md and sweep.json; returns the Markdown's path."""
+    out = root / spec.commit_dir
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"sweep": spec.name, "base_recipe": str(spec.base), "select": {"metric": spec.select_metric, "mode": spec.select_mode},
+            "methods": [m.to_dict() for m in methods], "test": table}  # fmt: skip
+    (out / "sweep.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    (out / "sweep.md").write_text(render(spec, methods, table))
+    return out / "sweep.md"

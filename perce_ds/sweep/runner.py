@@ -1,0 +1,142 @@
+"""Driving a sweep: run its cells in order (sequentially, or one per SLURM array task), select, score, report.
+
+Stage 0 is the grid; stage k >= 1 is the recipe's k-th `stages` entry, whose cells exist once its `lr_from`
+method is selected (all its grid cells done). Nothing here queues jobs: cells are processes of launch/train.py
+and launch/evaluate.py; on a cluster SLURM runs them (launch/slurm/sweep.sh).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from perce_ds.errors import UserError
+from perce_ds.sweep import cost, plots, report, scoring
+from perce_ds.sweep.cells import Cell, SweepError, is_done, run_cell
+from perce_ds.sweep.select import MethodSelection, select_all
+from perce_ds.sweep.spec import SweepSpec, dump_overrides
+
+
+def child_env(root: Path) -> dict[str, str]:
+    """The environment of cell processes: the repository importable first."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def stage_cells(spec: SweepSpec, root: Path) -> list[list[Cell]]:
+    return select_all(spec, root)[1]
+
+
+def pending(spec: SweepSpec, root: Path) -> tuple[int, list[int]] | None:
+    """(stage, indices of its cells not done) for the first stage with work that can start now; None when every
+    known cell is done (then the next step is selection / test scoring, or a stage whose lr is not selected yet)."""
+    for s, cells in enumerate(stage_cells(spec, root)):
+        todo = [i for i, c in enumerate(cells) if not is_done(spec, c, root)]
+        if todo:
+            return s, todo
+    return None
+
+
+def run_one(spec: SweepSpec, root: Path, stage: int, index: int) -> bool:
+    """Run cell `index` of `stage` (a SLURM array task); False when it was already done."""
+    cells = stage_cells(spec, root)
+    if stage >= len(cells) or index >= len(cells[stage]):
+        raise SweepError(f"stage {stage} has no cell {index} (yet): its lr_from method may not be selected")
+    return run_cell(spec, cells[stage][index], root, child_env(root))
+
+
+def run_all(spec: SweepSpec, root: Path, log=print) -> None:
+    """Every cell of every stage, in order, skipping finished ones; then test scoring and the report."""
+    env = child_env(root)
+    check_configs(spec, root)
+    for stage in range(len(spec.stages) + 1):
+        cells = stage_cells(spec, root)[stage]
+        if not cells:
+            raise SweepError(f"stage {stage}: no cells (its lr_from method is not selected: a grid cell failed?)")
+        for i, cell in enumerate(cells):
+            log(f"[stage {stage} cell {i + 1}/{len(cells)}] {cell.id}")
+            log("  done, skipped" if not run_cell(spec, cell, root, env) else "  finished")
+    aggregate(spec, root, score=True, log=log)
+
+
+def check_configs(spec: SweepSpec, root: Path) -> None:
+    """Resolve every cell's config before training any (a typo in a later stage fails now, not hours later)."""
+    methods, stages = select_all(spec, root)
+    for cells in _placeholder_stages(spec, methods, stages):
+        for c in cells:
+            try:
+                cost.cell_config(spec, c, root)
+            except UserError as e:
+                raise SweepError(f"{spec.path}: cell {c.id} ({dump_overrides(c.as_dict)}): {e}") from None
+
+
+def aggregate(spec: SweepSpec, root: Path, score: bool, log=print) -> dict[str, Any]:
+    """Select on validation, score test once (when `score` and not yet scored), write the table and plots."""
+    methods, _ = select_all(spec, root)
+    table = None
+    if all(m.selected_lr is not None for m in methods):
+        if not scoring.test_scored(spec, methods, root):
+            if not score:
+                raise SweepError(f"every cell is done but the test split is not scored yet ({spec.commit_dir}/"
+                                 f"{scoring.MARKER} missing): run without --only-aggregate to score it (once)")  # fmt: skip
+            log("scoring the selected runs and the starting model on the test split (once)")
+            scoring.score_test(spec, methods, root)
+        table = report.test_table(spec, methods, root)
+    else:
+        log("not every method is selected yet: the table shows validation only")
+    md = report.write_report(spec, methods, table, root)
+    out = root / spec.commit_dir
+    for name, made in (("learning_curves.png", plots.learning_curves(spec, methods, root, out / "learning_curves.png")),
+                       ("frontier.png", plots.frontier(spec, methods, root, out / "frontier.png"))):  # fmt: skip
+        log(f"wrote {out / name}" if made else f"{name}: no per-class validation NLL in eval_metrics.jsonl, skipped")
+    log(md.read_text())
+    log(f"wrote {md} and {out / 'sweep.json'}")
+    return {"methods": methods, "table": table}
+
+
+def dry_run(spec: SweepSpec, root: Path) -> str:
+    """The cells with their overrides and estimated cost; stages whose lr is not selected yet are estimated at
+    the first grid lr and marked pending."""
+    methods, stages = select_all(spec, root)
+    measured = cost.measured_step_seconds(spec, [c for cs in stages for c in cs], root)
+    lines = [f"sweep {spec.name}: base {spec.base}, {spec.num_gpus} process(es), seeds {spec.seeds}",
+             f"common overrides: {dump_overrides(spec.overrides)}", ""]  # fmt: skip
+    total = 0.0
+    placeholder = _placeholder_stages(spec, methods, stages)
+    for s, cells in enumerate(placeholder):
+        name = "grid" if s == 0 else f"stage {spec.stages[s - 1].name}"
+        lr_note = (
+            ""
+            if s == 0 or stages[s]
+            else " (lr pending: selected from "
+            + dump_overrides(spec.stages[s - 1].lr_from)
+            + "; estimated at the first grid lr)"
+        )
+        lines.append(f"{name}: {len(cells)} cells{lr_note}")
+        for c in cells:
+            state = "done" if stages[s] and is_done(spec, c, root) else ("todo" if stages[s] else "pending")
+            try:
+                est = cost.estimate(spec, c, root, measured)
+            except UserError as e:  # listed, not hidden: the cell would fail the same way when it runs
+                lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] cannot be resolved: {e}")
+                continue
+            total += est["seconds"]
+            steps = f"{est['steps']} steps" if est["steps"] is not None else "? steps (training files missing)"
+            lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] {steps} x {est['step_seconds']:.2f} s "
+                         f"({est['source']}) + {est['evals']} evals x {spec.eval_seconds:g} s + "
+                         f"{spec.startup_seconds:g} s start = {cost.human(est['seconds'])}")  # fmt: skip
+    lines.append(f"\ntotal (all cells, sequential): {cost.human(total)}, plus test scoring of the selected runs")
+    return "\n".join(lines)
+
+
+def _placeholder_stages(spec: SweepSpec, methods: list[MethodSelection], stages: list[list[Cell]]) -> list[list[Cell]]:
+    """Stages as they are, with not-yet-selected ones filled in at the first grid lr (for the estimate only)."""
+    from perce_ds.sweep.cells import cells_of_stage, method_key
+
+    first_lr = spec.grid.get("train.lr", [None])[0]
+    out = [stages[0]]
+    for i in range(len(spec.stages)):
+        out.append(stages[i + 1] or cells_of_stage(spec, i, {method_key(spec.stages[i].lr_from): first_lr}))
+    return out

@@ -1,0 +1,190 @@
+"""The sweep recipe: a base training recipe, a grid over dotted config keys, seeds, later stages, selection.
+
+    name: persona_smollm2                  # default: the file name without _sweep
+    base: recipes/persona_smollm2.yaml     # the training recipe every cell starts from
+    overrides: {train.epochs: 3}           # applied to every cell (before the grid's keys)
+    grid: {loss.scheme: [ce, perce], train.lr: [1.0e-5, 3.0e-5, 1.0e-4]}   # every combination, in this order
+    seeds: [1, 2]                          # train.seed of each cell
+    stages:                                # run after the grid, at a method's selected learning rate
+      - name: perce_knobs
+        lr_from: {loss.scheme: perce}      # the grid method whose selected train.lr these cells take
+        variants: [{loss.clip_max: 2.0}, {loss.ce_mix: 0.5}]
+    select: {metric: eval_ce, mode: min}   # or {metric: rougeL, mode: max}: validation generations
+    evaluate: {max_new_tokens: 64, test_data: []}   # test_data: the test split's files (file data)
+    num_gpus: 2                            # 1: `python launch/train.py`, else `deepspeed --num_gpus N`
+    deepspeed: ds_configs/zero3.json
+    output_dir: runs/sweeps/persona_smollm2          # big artefacts (git-ignored)
+    commit_dir: benchmarks/sweeps/persona_smollm2    # cells/<id>/ small files, table, plots (committed)
+    cost: {step_seconds: 0.5, eval_seconds: 30, startup_seconds: 30}   # --dry-run's figures before a cell ran
+
+Paths are relative to the repository root. A method is a cell's overrides without train.lr and train.seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from perce_ds.errors import UserError
+
+LR_KEY, SEED_KEY = "train.lr", "train.seed"
+TOP_KEYS = {"name", "base", "overrides", "grid", "seeds", "stages", "select", "evaluate", "num_gpus", "deepspeed",
+            "output_dir", "commit_dir", "cost"}  # fmt: skip
+SELECT_METRICS = {"eval_ce": "min", "rougeL": "max", "meteor": "max"}
+
+
+class SweepSpecError(UserError, ValueError):
+    """A sweep recipe that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class Stage:
+    """Cells trained after the grid at the learning rate selected for the grid method `lr_from`."""
+
+    name: str
+    lr_from: dict[str, Any]
+    variants: list[dict[str, Any]]
+
+
+@dataclass
+class SweepSpec:
+    path: Path
+    name: str
+    base: Path
+    overrides: dict[str, Any]
+    grid: dict[str, list[Any]]
+    seeds: list[int]
+    stages: list[Stage] = field(default_factory=list)
+    select_metric: str = "eval_ce"
+    select_mode: str = "min"
+    max_new_tokens: int = 64
+    test_data: list[str] = field(default_factory=list)
+    num_gpus: int = 1
+    deepspeed: Path = Path("ds_configs/zero3.json")
+    output_dir: Path = Path("runs/sweeps")
+    commit_dir: Path = Path("benchmarks/sweeps")
+    step_seconds: float | None = None
+    eval_seconds: float = 60.0
+    startup_seconds: float = 30.0
+
+    def grid_overrides(self) -> list[dict[str, Any]]:
+        """Every combination of the grid's values (keys in the recipe's order), without the seed."""
+        keys = list(self.grid)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.grid[k] for k in keys))]
+
+    def grid_methods(self) -> list[dict[str, Any]]:
+        """The grid's methods in order (first: the baseline every interval is against)."""
+        out: list[dict[str, Any]] = []
+        for o in self.grid_overrides():
+            m = method_of(o)
+            if m not in out:
+                out.append(m)
+        return out
+
+
+def method_of(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A cell's method: its overrides without the learning rate and the seed."""
+    return {k: v for k, v in overrides.items() if k not in (LR_KEY, SEED_KEY)}
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-5 as a string: make numbers numbers, so cell ids and hashes do not depend on spelling."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _dotted(mapping: Any, where: str) -> dict[str, Any]:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and "." in k for k in mapping):
+        raise SweepSpecError(f"{where}: expected a mapping of dotted config keys (section.key: value)")
+    return {k: _number(v) for k, v in mapping.items()}
+
+
+def load_spec(path: str | Path, root: Path) -> SweepSpec:
+    """Read and check a sweep recipe; relative paths in it are relative to `root` (the repository)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepSpecError(f"sweep recipe {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SweepSpecError(f"{path}: the top level must be a mapping")
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise SweepSpecError(f"{path}: unknown key {unknown[0]!r}; known: {sorted(TOP_KEYS)}")
+    if "base" not in raw or not (root / raw["base"]).is_file():
+        raise SweepSpecError(f"{path}: base must name an existing training recipe, got {raw.get('base')!r}")
+    grid = _dotted(raw.get("grid"), f"{path}: grid")
+    if not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise SweepSpecError(f"{path}: grid must map each dotted key to a non-empty list of values")
+    grid = {k: [_number(v) for v in values] for k, values in grid.items()}
+    if SEED_KEY in grid:
+        raise SweepSpecError(f"{path}: grid: give the seeds with `seeds:`, not {SEED_KEY}")
+    seeds = raw.get("seeds", [42])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise SweepSpecError(f"{path}: seeds must be a non-empty list of integers")
+    name = raw.get("name") or path.stem.removesuffix("_sweep")
+    spec = SweepSpec(path=path, name=name, base=Path(raw["base"]), overrides=_dotted(raw.get("overrides"), f"{path}: overrides"),
+                     grid=grid, seeds=seeds, num_gpus=int(raw.get("num_gpus", 1)),
+                     deepspeed=Path(raw.get("deepspeed", "ds_configs/zero3.json")),
+                     output_dir=Path(raw.get("output_dir", f"runs/sweeps/{name}")),
+                     commit_dir=Path(raw.get("commit_dir", f"benchmarks/sweeps/{name}")))  # fmt: skip
+    _read_select(spec, raw.get("select") or {}, path)
+    _read_evaluate(spec, raw.get("evaluate") or {}, path)
+    cost = raw.get("cost") or {}
+    spec.step_seconds = cost.get("step_seconds")
+    spec.eval_seconds = float(cost.get("eval_seconds", 60.0))
+    spec.startup_seconds = float(cost.get("startup_seconds", 30.0))
+    methods = spec.grid_methods()
+    for i, st in enumerate(raw.get("stages") or []):
+        where = f"{path}: stages[{i}]"
+        if not isinstance(st, dict) or not {"name", "lr_from", "variants"} <= set(st):
+            raise SweepSpecError(f"{where}: needs name, lr_from and variants")
+        if LR_KEY not in grid:
+            raise SweepSpecError(f"{where}: lr_from needs {LR_KEY} in the grid")
+        lr_from = _dotted(st["lr_from"], f"{where}.lr_from")
+        if lr_from not in methods:
+            raise SweepSpecError(f"{where}: lr_from {lr_from} is not a method of the grid; its methods: {methods}")
+        variants = [_dotted(v, f"{where}.variants[{j}]") for j, v in enumerate(st["variants"] or [])]
+        if not variants or any(LR_KEY in v or SEED_KEY in v for v in variants):
+            raise SweepSpecError(f"{where}: variants must be non-empty mappings without {LR_KEY} / {SEED_KEY}")
+        spec.stages.append(Stage(str(st["name"]), lr_from, variants))
+    return spec
+
+
+def _read_select(spec: SweepSpec, raw: dict[str, Any], path: Path) -> None:
+    spec.select_metric = raw.get("metric", "eval_ce")
+    if spec.select_metric not in SELECT_METRICS and not spec.select_metric.startswith("eval_"):
+        raise SweepSpecError(
+            f"{path}: select.metric {spec.select_metric!r}: use an eval_metrics.jsonl key (eval_ce, eval_nll_persona, "
+            f"...) or a validation generation score ({', '.join(k for k in SELECT_METRICS if not k.startswith('eval'))})"
+        )
+    spec.select_mode = raw.get("mode", SELECT_METRICS.get(spec.select_metric, "min"))
+    if spec.select_mode not in ("min", "max"):
+        raise SweepSpecError(f"{path}: select.mode must be min or max, got {spec.select_mode!r}")
+
+
+def _read_evaluate(spec: SweepSpec, raw: dict[str, Any], path: Path) -> None:
+    unknown = sorted(set(raw) - {"max_new_tokens", "test_data"})
+    if unknown:
+        raise SweepSpecError(f"{path}: evaluate: unknown key {unknown[0]!r} (known: max_new_tokens, test_data)")
+    spec.max_new_tokens = int(raw.get("max_new_tokens", 64))
+    spec.test_data = [str(p) for p in raw.get("test_data") or []]
+
+
+def base_recipe_text(spec: SweepSpec, root: Path) -> str:
+    """The base recipe's text (part of every cell's config hash: an edited base recipe is a different cell)."""
+    return (root / spec.base).read_text()
+
+
+def dump_overrides(overrides: dict[str, Any]) -> str:
+    """Stable text of overrides (hashing, display)."""
+    return yaml.safe_dump(overrides, sort_keys=True, default_flow_style=True, width=10**6).strip()
