@@ -170,8 +170,6 @@ def test_keep_best_exports_on_improvement_and_resumes_from_the_record(tmp_path):
 def test_dry_run_lists_every_cell_with_a_cost(name, tmp_path):
     path = write_spec(tmp_path) if name == "tiny_sweep" else ROOT / "recipes" / f"{name}.yaml"
     spec = yaml.safe_load(path.read_text())
-    if not (ROOT / spec["base"]).is_file():
-        pytest.skip(f"{spec['base']} comes with branch issue16-data (the commits data and recipe)")
     out = check(run_job([sys.executable, SWEEP, "--recipe", path, "--dry-run"], 120)).stdout
     n_grid = int(np.prod([len(v) for v in spec["grid"].values()])) * len(spec["seeds"])
     n_stage = sum(len(s["variants"]) for s in spec.get("stages") or []) * len(spec["seeds"])
