@@ -16,9 +16,9 @@ from typing import Any, Literal
 import yaml
 
 from perce_ds.errors import UserError
-from perce_ds.evaluation.metrics import PRESETS
 from perce_ds.logging_utils import REPORTERS
 from perce_ds.loss import REGISTRY
+from perce_ds.metric_presets import PRESETS
 
 
 class ConfigError(UserError, ValueError):
@@ -189,7 +189,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # ROUGE/METEOR settings and the decoding that goes with them (perce_ds/evaluation/metrics.py PRESETS):
+    # ROUGE/METEOR settings and the decoding that goes with them (perce_ds/metric_presets.py PRESETS):
     # strict (ours), longlamp (LongLaMP's own scripts), mirror (the MIRROR re-implementation)
     metrics_preset: str = "strict"
 

@@ -395,7 +395,7 @@ class Trainer:
 
     def _export_hf(self, folder: str) -> None:
         """<run_dir>/<folder>: the model as a Hugging Face folder (a collective: every rank calls it)."""
-        card = checkpoint.model_card(self.cfg, self.total_steps, self.world)
+        card = checkpoint.model_card(self.cfg.train.run_name, self.cfg.to_dict(), self.total_steps, self.world)
         checkpoint.export_hf(self.module.lm, self.tokenizer, self.run_dir / folder, self.is_rank0, card)
 
     def _evaluate_and_log(self, step: int) -> dict[str, Any]:
