@@ -234,8 +234,8 @@ def _clip(x: torch.Tensor, cfg: WeightSettings) -> torch.Tensor:
 
 
 def _window_normalised(x: torch.Tensor, stats: TokenStats) -> torch.Tensor:
-    # METHOD.md: "normalised to mean 1 over the batch's response tokens" — the batch being the optimizer
-    # step's global batch, so a window statistic, never a micro-batch one.
+    # docs/method.md, "Baselines and controls": mean 1 over the response tokens of the optimizer step's global
+    # batch, so a window statistic, never a micro-batch one.
     if stats.window_mean is None:
         raise ValueError("this weight scheme is normalised over the accumulation window: TokenStats.window_mean unset")
     return x / max(stats.window_mean, 1e-12)
