@@ -8,6 +8,7 @@ a cycle is a cycle that merely fails later), so the check needs nothing installe
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "perce_ds"
@@ -160,3 +161,32 @@ def test_every_layered_module_exists_and_imports_point_down():
     stale = [m for _, members in LAYERS for m in members if not m.endswith(".*") and m not in graph]
     assert not stale, f"LAYERS names modules that no longer exist: {stale}"
     assert upward_imports(graph) == []
+
+
+ROOT = PACKAGE.parent
+# A project document cited in code: an upper-case name (README.md) or a page under docs/. Lower-case names such as
+# report.md are files the code writes, not citations.
+CITED_DOC = re.compile(r"(?<![\w./-])((?:docs/[\w./-]+|(?:[\w-]+/)*[A-Z][A-Z0-9_]*)\.md)\b")
+
+
+def cited_documents(text: str) -> set[str]:
+    return set(CITED_DOC.findall(text))
+
+
+def test_cited_documents_are_read_as_citations():
+    missing = "METHOD" + ".md"  # spelt apart so that the scan below does not read this file as citing it
+    text = f"see docs/method.md and {missing}, benchmarks/RESULTS.md; writes report.md and <run>/compare.md"
+    assert cited_documents(text) == {"docs/method.md", missing, "benchmarks/RESULTS.md"}
+
+
+def test_every_document_the_code_cites_is_in_the_repository():
+    """A comment or docstring that points at a document points at one a reader of this repository can open."""
+    files = [p for d in ("perce_ds", "launch", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    docs = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
+    missing = {}
+    for path in files:
+        for cited in cited_documents(path.read_text()):
+            if cited not in docs and not any(d.endswith("/" + cited) for d in docs):
+                missing.setdefault(cited, []).append(path.relative_to(ROOT).as_posix())
+    assert len(files) > 50 and "README.md" in docs  # the real repository is read
+    assert not missing, f"cited documents not in the repository: {missing}"
