@@ -80,7 +80,6 @@ def test_dropout_leaves_no_noise_in_pir_online_or_offline(sp_tokenizer, examples
     the gradient pass still trains with dropout."""
     same = without_profile(examples)
     module = gpt2_with_dropout(sp_tokenizer, 0.1)
-    assert module.dropout_sources, "the test model must have dropout"
     packed = "data.packing=true" in layout
     batch = collate(same, sp_tokenizer.pad_token_id, packed=packed)
     # The inputs exercise dropout: two train-mode passes over the very same prompt differ.
@@ -96,6 +95,7 @@ def test_dropout_leaves_no_noise_in_pir_online_or_offline(sp_tokenizer, examples
     assert torch.equal(stats.pir, torch.zeros_like(stats.pir))
     assert (logp_grad.detach() - stats.logp_cond).abs().max() > 1e-3  # the loss pass keeps its dropout
     assert module.training and all(m.training for m in module.lm.modules())  # train mode restored
+    assert "transformer.drop (p=0.1)" in module.dropout_sources and "config.attn_pdrop=0.1" in module.dropout_sources
 
     offline = bare_trainer(module, sp_tokenizer, same, *layout, "train.micro_batch_size=2", inference_only=True)
     estep.estimate(offline, tmp_path / "weights")
