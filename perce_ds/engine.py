@@ -300,9 +300,11 @@ class Trainer:
 
     @torch.no_grad()
     def _window_mean_prepass(self, batches: list[MicroBatch]) -> float:
-        """The window statistic's global mean from a no-grad conditioned pass over every micro-batch."""
+        """The window statistic's global mean from a no-grad conditioned pass over every micro-batch (in eval mode
+        when the per-token statistics are: a model with dropout and the ablated pass, see PerceLM.forward)."""
         stats = []
-        with self.module.activation_checkpointing_paused():
+        eval_stats = self.run_ablated and bool(self.module.dropout_sources)
+        with self.module.activation_checkpointing_paused(), self.module.dropout_off(eval_stats):
             for batch in batches:
                 out = self._forward(batch.conditioned, batch, with_entropy=self.scheme.needs_entropy)
                 stats.append(TokenStats(out["logp"], batch.seq_ids(), entropy=out["entropy"]))

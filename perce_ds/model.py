@@ -187,8 +187,7 @@ class PerceLM(nn.Module):
                 out["logp_stats"], stats_entropy, _ = self.pass_logprobs(*cond, with_entropy)
             with_entropy = False  # the statistics' entropy is the eval pass's
         eval_cond = eval_stats and not torch.is_grad_enabled()
-        mode = self.dropout_off() if eval_cond else contextlib.nullcontext()
-        with mode, phase("cond_fwd" if torch.is_grad_enabled() else "cond_fwd_nograd"):
+        with self.dropout_off(eval_cond), phase("cond_fwd" if torch.is_grad_enabled() else "cond_fwd_nograd"):
             logp, entropy, hits = self.pass_logprobs(*cond, with_entropy, with_hits)
         if with_hits:
             out["hits"] = hits
@@ -244,11 +243,13 @@ class PerceLM(nn.Module):
             (self.lm.activation_checkpointing_disable if renamed else self.lm.gradient_checkpointing_disable)()
 
     @contextlib.contextmanager
-    def dropout_off(self) -> Iterator[None]:
-        """The LM in eval mode inside (no dropout); each submodule's own train/eval flag comes back on exit, also
-        after an exception. PerceLM's own flag is left alone, so DeepSpeed's engine sees no mode change."""
-        modes = [(m, m.training) for m in self.lm.modules()]
-        self.lm.train(False)
+    def dropout_off(self, active: bool = True) -> Iterator[None]:
+        """The LM in eval mode inside (no dropout; `active` False: unchanged); each submodule's own train/eval flag
+        comes back on exit, also after an exception. PerceLM's own flag is left alone, so DeepSpeed's engine sees
+        no mode change."""
+        modes = [(m, m.training) for m in self.lm.modules()] if active else []
+        if active:
+            self.lm.train(False)
         try:
             yield
         finally:

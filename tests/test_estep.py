@@ -127,3 +127,18 @@ def test_offline_estep_draws_different_shuffles_for_different_batches(sp_tokeniz
         assert sorted(p) == sorted(s)  # a permutation within each sequence
     assert shuffled[0] != perce[0] or shuffled[1] != perce[1]
     assert shuffled[:2] != shuffled[2:]
+
+
+def test_window_prepass_on_a_dropout_model_sees_the_statistics_the_weights_use(sp_tokenizer, examples, process_group):
+    """loss_weighted with accumulation on a dropout model (ablated pass on, as by default): the no-grad pre-pass
+    normalises by the mean of the very per-token losses the weights are made of (both eval mode), exactly."""
+    module = gpt2_with_dropout(sp_tokenizer, 0.1)
+    trainer = bare_trainer(module, sp_tokenizer, examples, "loss.scheme=loss_weighted")
+    batches = [collate(examples[:2], sp_tokenizer.pad_token_id), collate(examples[2:], sp_tokenizer.pad_token_id)]
+    prepass = trainer._window_mean_prepass(batches)
+    stats = [trainer.token_stats(batch, step=0, micro=m)[1] for m, batch in enumerate(batches)]
+    assert prepass == trainer._global_mean(stats)
+    with torch.no_grad():  # the check can fail: with dropout on, the same pass gives another mean
+        noisy = [module(**b.conditioned.as_kwargs(), response_ids=b.response_ids, response_mask=b.response_mask)
+                 for b in batches]  # fmt: skip
+    assert abs(float(torch.cat([-o["logp"] for o in noisy]).mean()) - prepass) > 1e-4
