@@ -105,11 +105,9 @@ class Trainer:
         log.info("attention: %s, dtype: %s, world size: %d", self.attn_implementation, self.dtype, self.world)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.engine, self.module = self._build_engine(ds_config_path)
-        if self.module.dropout_sources and self.run_ablated:
-            log.info(
-                "the model has dropout (%s): PIR and the weights come from eval-mode passes, at the cost of one "
-                "extra no-grad conditioned forward per micro-batch", ", ".join(self.module.dropout_sources[:4]),
-            )  # fmt: skip
+        if self.module.dropout_sources and self.run_ablated:  # README "Dropout and PIR"
+            log.info("model dropout (%s): PIR from eval-mode passes, one extra no-grad forward per micro-batch",
+                     ", ".join(self.module.dropout_sources[:4]))  # fmt: skip
 
         self.metrics = metrics_logger(cfg, self.is_rank0, self.resume_from is not None, wandb=not inference_only)
         self.start_step = 0
