@@ -18,8 +18,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from perce_ds.config import RunConfig
-
 log = logging.getLogger("perce_ds")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "perce_state.json"  # our state beside DeepSpeed's files; written last, so it marks a complete checkpoint
@@ -188,12 +186,14 @@ def export_hf(lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, c
         dist.barrier()
 
 
-def model_card(cfg: RunConfig, total_steps: int, world: int) -> str:
-    """README.md of an exported model: how it was trained and the whole run config."""
+def model_card(run_name: str, settings: dict[str, Any], total_steps: int, world: int) -> str:
+    """README.md of an exported model: how it was trained and the whole run config (`settings`, the run config as
+    a plain dict, RunConfig.to_dict(): checkpointing sits below the config layer and reads no config object)."""
     import yaml
 
+    loss = settings["loss"]
     return (
-        f"# {cfg.train.run_name}\n\nFine-tuned with perce_ds (PerCE, loss scheme `{cfg.loss.scheme}`, "
-        f"clip [{cfg.loss.clip_min}, {cfg.loss.clip_max}]) for {total_steps} steps on "
-        f"{world} rank(s).\n\n## Training config\n\n```yaml\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```\n"
+        f"# {run_name}\n\nFine-tuned with perce_ds (PerCE, loss scheme `{loss['scheme']}`, "
+        f"clip [{loss['clip_min']}, {loss['clip_max']}]) for {total_steps} steps on "
+        f"{world} rank(s).\n\n## Training config\n\n```yaml\n{yaml.safe_dump(settings, sort_keys=False)}```\n"
     )

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import yaml
 
 from perce_ds.errors import UserError
-from perce_ds.evaluation.metrics import PRESETS
 from perce_ds.logging_utils import REPORTERS
 from perce_ds.loss import REGISTRY
+from perce_ds.metric_presets import PRESETS
 
 
 class ConfigError(UserError, ValueError):
@@ -122,6 +122,13 @@ class DataConfig:
             raise ConfigError("data.retrieval.top_k and data.retrieval.batch_size must be >= 1")
         if self.source != "files" and self.retrieval.method == "contriever" and not self.retrieval.contriever_path:
             raise ConfigError("data.retrieval.method=contriever needs data.retrieval.contriever_path")
+        if self.source != "files" and (self.train_files or self.eval_files):
+            named = [k for k in ("train_files", "eval_files") if getattr(self, k)]
+            raise ConfigError(
+                f"data.source={self.source} reads its splits from data.{self.source}, so "
+                f"{' and '.join('data.' + k for k in named)} would be ignored: set data.source=files to train on "
+                f"your files, or remove {' and '.join('data.' + k for k in named)} to use the {self.source} splits"
+            )
         if self.source == "lamp" and not self.lamp.path:
             raise ConfigError("data.source=lamp needs data.lamp.path (the folder with the question/output JSON files)")
         if self.max_response_tokens == 1:
@@ -189,7 +196,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # ROUGE/METEOR settings and the decoding that goes with them (perce_ds/evaluation/metrics.py PRESETS):
+    # ROUGE/METEOR settings and the decoding that goes with them (perce_ds/metric_presets.py PRESETS):
     # strict (ours), longlamp (LongLaMP's own scripts), mirror (the MIRROR re-implementation)
     metrics_preset: str = "strict"
 

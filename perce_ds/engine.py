@@ -105,6 +105,9 @@ class Trainer:
         log.info("attention: %s, dtype: %s, world size: %d", self.attn_implementation, self.dtype, self.world)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.engine, self.module = self._build_engine(ds_config_path)
+        if self.module.dropout_sources and self.run_ablated:  # README "Dropout and PIR"
+            log.info("model dropout (%s): PIR from eval-mode passes, one extra no-grad forward per micro-batch",
+                     ", ".join(self.module.dropout_sources[:4]))  # fmt: skip
 
         self.metrics = metrics_logger(cfg, self.is_rank0, self.resume_from is not None, wandb=not inference_only)
         self.start_step = 0
@@ -213,17 +216,26 @@ class Trainer:
             # One forward over both passes (one ZeRO-3 all-gather); the ablated half is detached, so
             # its activations are kept and backpropagated through for nothing: the trade-off.
             fused, ids2, mask2 = fuse_passes(batch, self.tokenizer.pad_token_id)
-            out = self._forward(fused, batch, with_entropy=self.scheme.needs_entropy, response=(ids2, mask2))
             n = batch.n_response_tokens
-            logp, entropy = out["logp"][:n], (out["entropy"][:n] if out["entropy"] is not None else None)
+            if self.module.dropout_sources:
+                # Dropout masks would differ between the halves: the statistics come from an eval-mode fused pass,
+                # the gradient from a train-mode conditioned pass (a second engine call per micro-batch).
+                with torch.no_grad(), self.module.dropout_off():
+                    out = self._forward(fused, batch, with_entropy=self.scheme.needs_entropy, response=(ids2, mask2))
+                logp = self._forward(batch.conditioned, batch)["logp"] if torch.is_grad_enabled() else out["logp"][:n]
+            else:
+                out = self._forward(fused, batch, with_entropy=self.scheme.needs_entropy, response=(ids2, mask2))
+                logp = out["logp"][:n]
+            entropy = out["entropy"][:n] if out["entropy"] is not None else None
             return logp, TokenStats(
-                logp.detach(), batch.seq_ids(), out["logp"][n:].detach(), entropy, self._rng(step, micro)
+                out["logp"][:n].detach(), batch.seq_ids(), out["logp"][n:].detach(), entropy, self._rng(step, micro)
             )
         # The ablated pass (no grad, no checkpointing) runs first, inside the same engine call: see PerceLM.forward.
+        # On a model with dropout the statistics come from eval-mode passes there ("logp_stats").
         ablated = batch.ablated if self.run_ablated else None
         out = self._forward(batch.conditioned, batch, with_entropy=self.scheme.needs_entropy, ablated=ablated)
-        logp_abl = out.get("logp_ablated")
-        stats = TokenStats(out["logp"].detach(), batch.seq_ids(), logp_abl, out["entropy"], self._rng(step, micro))
+        logp_abl, logp_stats = out.get("logp_ablated"), out.get("logp_stats", out["logp"])
+        stats = TokenStats(logp_stats.detach(), batch.seq_ids(), logp_abl, out["entropy"], self._rng(step, micro))
         return out["logp"], stats
 
     def train_step(self, step: int) -> StepResult:
@@ -286,9 +298,11 @@ class Trainer:
 
     @torch.no_grad()
     def _window_mean_prepass(self, batches: list[MicroBatch]) -> float:
-        """The window statistic's global mean from a no-grad conditioned pass over every micro-batch."""
+        """The window statistic's global mean from a no-grad conditioned pass over every micro-batch (in eval mode
+        when the per-token statistics are: a model with dropout and the ablated pass, see PerceLM.forward)."""
         stats = []
-        with self.module.activation_checkpointing_paused():
+        eval_stats = self.run_ablated and bool(self.module.dropout_sources)
+        with self.module.activation_checkpointing_paused(), self.module.dropout_off(eval_stats):
             for batch in batches:
                 out = self._forward(batch.conditioned, batch, with_entropy=self.scheme.needs_entropy)
                 stats.append(TokenStats(out["logp"], batch.seq_ids(), entropy=out["entropy"]))
@@ -395,7 +409,7 @@ class Trainer:
 
     def _export_hf(self, folder: str) -> None:
         """<run_dir>/<folder>: the model as a Hugging Face folder (a collective: every rank calls it)."""
-        card = checkpoint.model_card(self.cfg, self.total_steps, self.world)
+        card = checkpoint.model_card(self.cfg.train.run_name, self.cfg.to_dict(), self.total_steps, self.world)
         checkpoint.export_hf(self.module.lm, self.tokenizer, self.run_dir / folder, self.is_rank0, card)
 
     def _evaluate_and_log(self, step: int) -> dict[str, Any]:

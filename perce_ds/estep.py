@@ -99,10 +99,12 @@ def estimate(trainer: Scorer, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list] = {"record_id": [], "response_ids": [], "pir": [], "weight": []}
     batches = shard_batches(len(examples), rank, world, cfg.train.micro_batch_size)
-    for idx, keep in tqdm(batches, disable=not trainer.is_rank0, desc="E-step"):
+    for number, (idx, keep) in enumerate(tqdm(batches, disable=not trainer.is_rank0, desc="E-step")):
         batch = collate([examples[i] for i in idx], trainer.tokenizer.pad_token_id, scored=keep)
         batch = batch.to(trainer.device)
-        _, stats = trainer.token_stats(batch, step=0, micro=0)
+        # Each batch its own draws (shuffled_perce), as each training micro-batch has: the batch's number on this
+        # rank plays the step (the trainer's generator also keys on the rank), so a rerun draws the same.
+        _, stats = trainer.token_stats(batch, step=number, micro=0)
         weights = token_weights(stats, cfg.loss, trainer.scheme)
         for i, counted, pir, w in zip(idx, keep, _split(batch, stats.pir), _split(batch, weights), strict=True):
             if not counted:

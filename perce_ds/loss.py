@@ -7,6 +7,7 @@ removed), so a scheme never sees a padded position and the normaliser is a plain
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,21 +16,26 @@ import torch
 
 from perce_ds.profiling import phase
 
+log = logging.getLogger("perce_ds")
+
 
 def logits_kernel(device: torch.device, dtype: torch.dtype) -> str:
     """How a chunk's fp32 logits are formed from `dtype` hidden states and output embedding on `device`.
 
-    "fp32": inputs are fp32 already. "mm_out_fp32": bf16/fp16 inputs, one CUDA matmul that accumulates and
-    writes fp32 (torch.mm's out_dtype): no extra copy of the weight, and the logits keep fp32 precision —
-    rounding ~30-magnitude logits to bf16 moves PIR by ~0.02 on average, the size of the differences PerCE
-    acts on. "cast_after": low-precision logits then cast (CPU, where torch has no mm out_dtype kernel, or
-    a torch too old for it).
+    Every kernel gives fp32 (or better) logits: rounding ~30-magnitude logits to bf16 moves each by up to ~0.06
+    and PIR by ~0.02 on average, the size of the differences PerCE acts on. "fp32": fp32 (or fp64) inputs,
+    a plain matmul. "mm_out_fp32": bf16/fp16 inputs on CUDA, one matmul that accumulates and writes fp32
+    (torch.mm's out_dtype, torch >= 2.8): no extra copy of the weight. "upcast": bf16/fp16 inputs where torch
+    has no such kernel (CPU; CUDA with a torch older than 2.8, warned once): the hidden states and the output
+    embedding, a vocabulary block at a time, are cast to fp32 first: the same logits, slower.
     """
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         return "fp32"
-    if device.type == "cuda" and _mm_has_out_dtype():
-        return "mm_out_fp32"
-    return "cast_after"
+    if device.type == "cuda":
+        if _mm_has_out_dtype():
+            return "mm_out_fp32"
+        _warn_upcast_on_cuda()
+    return "upcast"
 
 
 @functools.cache
@@ -42,12 +48,34 @@ def _mm_has_out_dtype() -> bool:
         return False
 
 
+@functools.cache
+def _warn_upcast_on_cuda() -> None:
+    """Once per process: the CUDA head runs without its fp32-output matmul."""
+    log.warning(
+        "torch %s has no fp32-output matmul for bf16/fp16 inputs on CUDA (torch.mm out_dtype needs torch >= 2.8, "
+        "the version pyproject.toml asks for): the log-prob head upcasts the output embedding to fp32 a "
+        "vocabulary block at a time. The logits keep fp32 precision (bf16 logits would move PIR by ~0.02), but "
+        "the head is slower; install torch >= 2.8",
+        torch.__version__,
+    )
+
+
+UPCAST_BLOCK_ELEMENTS = 1 << 24  # fp32 elements of one upcast weight block (64 MiB)
+
+
 def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden @ weight.T as fp32 ([rows, V]); see `logits_kernel` for how."""
     kernel = logits_kernel(hidden.device, hidden.dtype)
     if kernel == "mm_out_fp32":
         return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-    return (hidden @ weight.t()).float()
+    if kernel == "fp32":
+        return (hidden @ weight.t()).float()
+    hidden32 = hidden.float()
+    logits = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
+    block = max(1, UPCAST_BLOCK_ELEMENTS // max(weight.shape[1], 1))
+    for start in range(0, weight.shape[0], block):
+        logits[:, start : start + block] = hidden32 @ weight[start : start + block].float().t()
+    return logits
 
 
 class _ChunkedTokenLogprob(torch.autograd.Function):
@@ -206,8 +234,8 @@ def _clip(x: torch.Tensor, cfg: WeightSettings) -> torch.Tensor:
 
 
 def _window_normalised(x: torch.Tensor, stats: TokenStats) -> torch.Tensor:
-    # METHOD.md: "normalised to mean 1 over the batch's response tokens" — the batch being the optimizer
-    # step's global batch, so a window statistic, never a micro-batch one.
+    # docs/method.md, "Baselines and controls": mean 1 over the response tokens of the optimizer step's global
+    # batch, so a window statistic, never a micro-batch one.
     if stats.window_mean is None:
         raise ValueError("this weight scheme is normalised over the accumulation window: TokenStats.window_mean unset")
     return x / max(stats.window_mean, 1e-12)

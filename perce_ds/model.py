@@ -101,6 +101,22 @@ def build_causal_lm(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype, attn_i
     return model
 
 
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def active_dropout(lm: nn.Module) -> list[str]:
+    """Where `lm` drops out in train mode: dropout modules with p > 0, and config fields named *dropout* or *pdrop*
+    above 0 (attention kernels read those as a functional dropout). Heads a causal LM never runs (classifier,
+    sequence summary) do not count. Empty for the shipped Qwen3 / Llama / SmolLM2 recipes."""
+    found = [f"{name} (p={m.p})" for name, m in lm.named_modules() if isinstance(m, DROPOUT_MODULES) and m.p > 0]
+    config = getattr(lm, "config", None)
+    for key, value in (config.to_dict() if hasattr(config, "to_dict") else {}).items():
+        named = ("dropout" in key or "pdrop" in key) and not any(head in key for head in ("classifier", "summary"))
+        if named and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            found.append(f"config.{key}={value}")
+    return found
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """0-based positions counted over real tokens only (prompts are left-padded)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -113,6 +129,8 @@ class PerceLM(nn.Module):
         super().__init__()
         self.lm = lm
         self.logprob_chunk_size = logprob_chunk_size
+        # Found once, at set-up: a model with dropout gets its PIR from eval-mode passes (see `forward`).
+        self.dropout_sources = active_dropout(lm)
         head_weight = lm.get_output_embeddings().weight
         if hasattr(head_weight, "ds_id"):
             # forward() reads lm_head.weight without calling lm_head: tell ZeRO-3 to gather it for
@@ -146,22 +164,34 @@ class PerceLM(nn.Module):
         in one call make one ZeRO-3 step: with two engine calls, DeepSpeed restarts its prefetch trace at
         each, records only the ablated forward, finds the backward longer and drops the trace, so the
         backward and the ablated forward never prefetch (and every layer is gathered once per pass).
+
+        PIR compares two passes, so both must run without dropout (its masks would differ between them and put
+        noise in PIR and the weights): the ablated pass always runs in eval mode. On a model with dropout
+        (`dropout_sources`) in train mode, a grad call also runs the conditioned pass once more, no-grad and in
+        eval mode, first: its log-probs come back as "logp_stats" and its entropy as "entropy", the statistics
+        the weights are made of, while "logp" (train mode, dropout on) carries the gradient. A no-grad call runs
+        its conditioned pass in eval mode directly. Models without dropout pay nothing.
         """
         out: dict[str, torch.Tensor | None] = {}
         if ablated is not None:
             # Nothing to save without grad; never inference_mode: its tensors break a later ZeRO-3 backward.
-            with self.activation_checkpointing_paused(), torch.no_grad(), phase("ablated_fwd"):
+            with self.activation_checkpointing_paused(), self.dropout_off(), torch.no_grad(), phase("ablated_fwd"):
                 out["logp_ablated"] = self.pass_logprobs(
                     response_ids=response_ids, response_mask=response_mask, **ablated
                 )[0]
-        with phase("cond_fwd" if torch.is_grad_enabled() else "cond_fwd_nograd"):
-            logp, entropy, hits = self.pass_logprobs(
-                input_ids, attention_mask, position_ids, predict_index, response_ids, response_mask, with_entropy,
-                with_hits,
-            )  # fmt: skip
+        cond = (input_ids, attention_mask, position_ids, predict_index, response_ids, response_mask)
+        eval_stats = ablated is not None and bool(self.dropout_sources) and self.lm.training
+        stats_entropy = None
+        if eval_stats and torch.is_grad_enabled():
+            with self.activation_checkpointing_paused(), self.dropout_off(), torch.no_grad(), phase("cond_fwd_stats"):
+                out["logp_stats"], stats_entropy, _ = self.pass_logprobs(*cond, with_entropy)
+            with_entropy = False  # the statistics' entropy is the eval pass's
+        eval_cond = eval_stats and not torch.is_grad_enabled()
+        with self.dropout_off(eval_cond), phase("cond_fwd" if torch.is_grad_enabled() else "cond_fwd_nograd"):
+            logp, entropy, hits = self.pass_logprobs(*cond, with_entropy, with_hits)
         if with_hits:
             out["hits"] = hits
-        return {"logp": logp, "entropy": entropy, **out}
+        return {"logp": logp, "entropy": entropy if stats_entropy is None else stats_entropy, **out}
 
     def pass_logprobs(
         self,
@@ -211,6 +241,20 @@ class PerceLM(nn.Module):
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             (self.lm.activation_checkpointing_disable if renamed else self.lm.gradient_checkpointing_disable)()
+
+    @contextlib.contextmanager
+    def dropout_off(self, active: bool = True) -> Iterator[None]:
+        """The LM in eval mode inside (no dropout; `active` False: unchanged); each submodule's own train/eval flag
+        comes back on exit, also after an exception. PerceLM's own flag is left alone, so DeepSpeed's engine sees
+        no mode change."""
+        modes = [(m, m.training) for m in self.lm.modules()] if active else []
+        if active:
+            self.lm.train(False)
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
 
     @contextlib.contextmanager
     def activation_checkpointing_paused(self) -> Iterator[None]:

@@ -107,7 +107,7 @@ def reference_logprobs(model: torch.nn.Module, prompt: list[int], response: list
 def reference_perce_loss(
     model: torch.nn.Module, examples: list[Any], clip_min: float, clip_max: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """METHOD.md's PerCE loss over `examples`, one unpadded sequence at a time, and the weights it used."""
+    """docs/method.md's PerCE loss over `examples`, one unpadded sequence at a time, and the weights it used."""
     total, n, weights = torch.zeros(()), 0, []
     for ex in examples:
         logp_cond = reference_logprobs(model, ex.cond_prompt_ids, ex.response_ids)

@@ -463,3 +463,16 @@ def test_named_data_files_replace_the_recipes_synthetic_data(tmp_path):
     assert data_files(cfg) == (["my.jsonl"], ["my_eval.jsonl"])
     with pytest.raises(ConfigError, match="name data.train_files too"):
         RunConfig.load(demo, ["data.eval_files=my_eval.jsonl"])
+
+
+@pytest.mark.parametrize("source", ["longlamp", "lamp"])
+@pytest.mark.parametrize("key", ["train_files", "eval_files"])
+def test_data_files_with_a_task_source_are_an_error_naming_both_keys(source, key):
+    """A task source reads its own splits: files named beside it would be ignored, so the config is refused and
+    the message names data.source, the files key and both ways out."""
+    base = ["model.config={model_type: qwen3}", f"data.source={source}", "data.lamp.path=/data/lamp"]
+    RunConfig.load(None, base)  # the source alone is fine
+    with pytest.raises(ConfigError) as info:
+        RunConfig.load(None, [*base, f"data.{key}=my.jsonl"])
+    message = str(info.value)
+    assert f"data.source={source}" in message and f"data.{key}" in message and "data.source=files" in message

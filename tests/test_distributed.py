@@ -45,7 +45,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     "layout", [{}, {"packing": True}, {"packing": True, "fused_passes": True}], ids=["padded", "packed", "packed-fused"]
 )
 def test_one_zero3_step_equals_plain_pytorch(setup, layout):
-    """One PerCE step on 2 ZeRO-3 ranks == METHOD.md's formula in plain PyTorch (SGD, lr 1, fp32),
+    """One PerCE step on 2 ZeRO-3 ranks == docs/method.md's formula in plain PyTorch (SGD, lr 1, fp32),
     with padded or packed micro-batches and with separate or fused passes."""
     from transformers import AutoModelForCausalLM
 
@@ -81,7 +81,7 @@ def test_one_zero3_step_equals_plain_pytorch(setup, layout):
 @pytest.mark.parametrize("scheme", ["perce", "loss_weighted", "entropy_weighted"])
 def test_normaliser_same_update_for_any_split_of_the_global_batch(setup, scheme):
     """micro 4 x accum 1 x 1 rank == micro 1 x accum 2 x 2 ranks (one global token mean). For the baselines
-    the mean-1 normaliser of their weights is the global batch's too (METHOD.md), not each micro-batch's."""
+    the mean-1 normaliser of their weights is the global batch's too (docs/method.md), not each micro-batch's."""
     runs = setup["root"] / "runs"
     for name, micro, accum, ranks in (("a", 4, 1, 1), ("b", 1, 2, 2)):
         spec = recipe(setup, f"split_{scheme}_{name}", micro_batch_size=micro, grad_accum=accum)

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle among perce_ds modules, no module past the size a reader can hold.
+"""The package's shape: no import cycle among perce_ds modules, imports point down the layers, no module past the
+size a reader can hold.
 
 Imports are read from the source (module level and inside functions alike: a function-level import that closes
 a cycle is a cycle that merely fails later), so the check needs nothing installed beyond the standard library.
@@ -7,10 +8,24 @@ a cycle is a cycle that merely fails later), so the check needs nothing installe
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "perce_ds"
 MAX_MODULE_LINES = 450
+# Bottom to top. A module may import its own layer and the layers below, never a layer above. A module in no
+# layer (a new one) is unconstrained until it is placed here; the cycle test still covers it.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("ground floor", ("perce_ds", "perce_ds.errors", "perce_ds.profiling", "perce_ds.logging_utils",
+                      "perce_ds.fingerprints", "perce_ds.distributed", "perce_ds.preemption",
+                      "perce_ds.metric_presets", "perce_ds.checkpoint")),
+    ("loss", ("perce_ds.loss",)),
+    ("config", ("perce_ds.config",)),
+    ("data and model", ("perce_ds.data", "perce_ds.data.*", "perce_ds.model")),
+    ("evaluation", ("perce_ds.evaluation", "perce_ds.evaluation.*")),
+    ("engine and entry points", ("perce_ds.engine", "perce_ds.estep", "perce_ds.insight", "perce_ds.dryrun",
+                                 "perce_ds.cli")),
+]  # fmt: skip
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -74,6 +89,27 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+def layer_of(module: str, layers: list[tuple[str, tuple[str, ...]]] = LAYERS) -> int | None:
+    """Index of the layer holding `module` ("pkg.sub.*" holds every module below pkg.sub), None if unplaced."""
+    for i, (_, members) in enumerate(layers):
+        for member in members:
+            if module == member or (member.endswith(".*") and module.startswith(member[:-1])):
+                return i
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[tuple[str, tuple[str, ...]]] = LAYERS) -> list[str]:
+    """Each import from a layer up to a higher one, as "a (layer) -> b (layer)"."""
+    found = []
+    for module in sorted(graph):
+        low = layer_of(module, layers)
+        for target in sorted(graph[module]):
+            high = layer_of(target, layers)
+            if low is not None and high is not None and high > low:
+                found.append(f"{module} ({layers[low][0]}) -> {target} ({layers[high][0]})")
+    return found
+
+
 def test_the_cycle_finder_finds_a_planted_cycle():
     """The check can fail: a -> b -> c -> a is found, the d -> a tail and the lone e are not part of it."""
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
@@ -102,3 +138,55 @@ def test_every_module_stays_under_the_size_limit():
     sizes = {module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     too_long = {m: n for m, n in sizes.items() if n > MAX_MODULE_LINES}
     assert not too_long, f"split these modules (limit {MAX_MODULE_LINES} lines): {too_long}"
+
+
+def test_the_layer_check_finds_a_planted_upward_import():
+    """The check can fail: config importing evaluation and checkpoint importing config (the two arrows it was
+    written for) are found; downward imports and unplaced modules are not flagged."""
+    graph = {
+        "perce_ds.config": {"perce_ds.loss", "perce_ds.evaluation.metrics"},
+        "perce_ds.checkpoint": {"perce_ds.config"},
+        "perce_ds.evaluation.metrics": {"perce_ds.metric_presets"},
+        "perce_ds.engine": {"perce_ds.config", "perce_ds.someday"},
+        "perce_ds.someday": {"perce_ds.engine"},
+    }
+    assert upward_imports(graph) == [
+        "perce_ds.checkpoint (ground floor) -> perce_ds.config (config)",
+        "perce_ds.config (config) -> perce_ds.evaluation.metrics (evaluation)",
+    ]
+
+
+def test_every_layered_module_exists_and_imports_point_down():
+    graph = import_graph()
+    assert upward_imports(graph) == []
+    stale = [m for _, members in LAYERS for m in members if not m.endswith(".*") and m not in graph]
+    assert not stale, f"LAYERS names modules that no longer exist: {stale}"
+
+
+ROOT = PACKAGE.parent
+# A project document cited in code: an upper-case name (README.md) or a page under docs/. Lower-case names such as
+# report.md are files the code writes, not citations.
+CITED_DOC = re.compile(r"(?<![\w./-])((?:docs/[\w./-]+|(?:[\w-]+/)*[A-Z][A-Z0-9_]*)\.md)\b")
+
+
+def cited_documents(text: str) -> set[str]:
+    return set(CITED_DOC.findall(text))
+
+
+def test_cited_documents_are_read_as_citations():
+    missing = "METHOD" + ".md"  # spelt apart so that the scan below does not read this file as citing it
+    text = f"see docs/method.md and {missing}, benchmarks/RESULTS.md; writes report.md and <run>/compare.md"
+    assert cited_documents(text) == {"docs/method.md", missing, "benchmarks/RESULTS.md"}
+
+
+def test_every_document_the_code_cites_is_in_the_repository():
+    """A comment or docstring that points at a document points at one a reader of this repository can open."""
+    files = [p for d in ("perce_ds", "launch", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    docs = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
+    missing = {}
+    for path in files:
+        for cited in cited_documents(path.read_text()):
+            if cited not in docs and not any(d.endswith("/" + cited) for d in docs):
+                missing.setdefault(cited, []).append(path.relative_to(ROOT).as_posix())
+    assert len(files) > 50 and "README.md" in docs  # the real repository is read
+    assert not missing, f"cited documents not in the repository: {missing}"

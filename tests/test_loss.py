@@ -438,7 +438,7 @@ def test_get_scheme_known_and_unknown():
 
 def test_logits_kernel_keeps_fp32_logits_for_low_precision_on_cuda():
     """bf16/fp16 on CUDA: one matmul writing fp32 (no bf16 rounding of ~30-magnitude logits, which moves PIR
-    by ~0.02); fp32 inputs need nothing; CPU has no such kernel and casts after the matmul."""
+    by ~0.02); fp32 inputs need nothing; CPU has no such kernel and upcasts the inputs instead."""
     from perce_ds.loss import _mm_has_out_dtype, logits_kernel
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -446,7 +446,7 @@ def test_logits_kernel_keeps_fp32_logits_for_low_precision_on_cuda():
     assert logits_kernel(cuda, torch.bfloat16) == "mm_out_fp32"
     assert logits_kernel(cuda, torch.float16) == "mm_out_fp32"
     assert logits_kernel(cuda, torch.float32) == "fp32"
-    assert logits_kernel(cpu, torch.bfloat16) == "cast_after"
+    assert logits_kernel(cpu, torch.bfloat16) == "upcast"
     assert logits_kernel(cpu, torch.float32) == "fp32"
     # The meta device shows the op's contract without a GPU: bf16 in, fp32 out.
     a = torch.empty(3, 8, dtype=torch.bfloat16, device="meta")
@@ -552,3 +552,54 @@ def test_step_stats_report_the_persona_share_of_the_weight_as_the_readme_says():
         share[lam] = m["weight_share_persona"]
     assert share[1.0] == pytest.approx(float(persona.sum()) / n) and share[0.0] != share[1.0]
     assert min(share[0.0], share[1.0]) < share[0.5] < max(share[0.0], share[1.0])
+
+
+def test_bf16_inputs_give_fp32_logprobs_not_bf16_rounded_ones():
+    """bf16 hidden states and output embedding on CPU: the head's log-probs match a float64 reference on the same
+    (bf16-valued) inputs to fp32 accuracy, which a head that rounds its logits to bf16 cannot meet.
+
+    The tolerance from the arithmetic: logits here reach ~30 (a trained LM's scale); bf16 keeps 8 significant bits,
+    so rounding a logit near 30 moves it by up to 2^-9 * 32 = 0.0625 (0.03 typical), and a log-prob by that much.
+    fp32 accumulation over H = 64 products of that size errs by < H * 2^-24 * 64 ~ 2.5e-4 at worst. 1e-3 lies
+    between: it holds for fp32 logits and fails for bf16-rounded ones (both checked below).
+    """
+    n, h, v = 64, 64, 512
+    g = torch.Generator().manual_seed(7)
+    hidden = (torch.randn(n, h, generator=g) * 2).to(torch.bfloat16)
+    weight = (torch.randn(v, h, generator=g) * 0.6).to(torch.bfloat16)
+    targets = (hidden.float() @ weight.float().T).argmax(-1)  # high-logit targets: log-probs near 0, logits ~30
+    reference = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None]).squeeze(1)
+    logits = hidden.double() @ weight.double().T
+    assert 20 < float(logits.abs().max()) < 64  # the scale the tolerance was derived for
+    tolerance = 1e-3
+
+    bf16_rounded = torch.log_softmax((hidden @ weight.T).double(), -1).gather(1, targets[:, None]).squeeze(1)
+    assert float((bf16_rounded - reference).abs().max()) > 10 * tolerance  # the flaw the test must catch
+
+    for chunk in (8, 64):
+        logp, entropy = chunked_token_logprobs(hidden, weight, targets, chunk_size=chunk, with_entropy=True)
+        assert logp.dtype == torch.float32
+        assert float((logp.double() - reference).abs().max()) < tolerance
+        probs = torch.softmax(logits, -1)
+        exact_entropy = -(probs * torch.log_softmax(logits, -1)).sum(-1)
+        assert float((entropy.double() - exact_entropy).abs().max()) < tolerance
+    hits = chunked_argmax_hits(hidden, weight, targets, chunk_size=8)
+    assert bool(hits.all())  # the targets are the argmax of the exact logits, and the head sees them so
+
+
+def test_the_cuda_head_without_fp32_output_matmul_upcasts_and_warns_once(monkeypatch, caplog):
+    """A torch without mm out_dtype on CUDA (older than 2.8): the head keeps fp32 logits by upcasting, and says
+    so once, naming the torch version."""
+    import logging
+
+    from perce_ds import loss
+
+    monkeypatch.setattr(loss, "_mm_has_out_dtype", lambda: False)
+    loss._warn_upcast_on_cuda.cache_clear()
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="perce_ds"):
+        kernels = [loss.logits_kernel(cuda, torch.bfloat16) for _ in range(3)]
+    assert kernels == ["upcast"] * 3
+    warnings = [r.getMessage() for r in caplog.records if "fp32-output matmul" in r.getMessage()]
+    assert len(warnings) == 1 and torch.__version__ in warnings[0] and "torch >= 2.8" in warnings[0]
+    loss._warn_upcast_on_cuda.cache_clear()

@@ -586,3 +586,19 @@ def test_no_usable_training_record_is_a_user_error(tmp_path, sp_tokenizer):
                f"train.output_dir={tmp_path}")  # fmt: skip
     with pytest.raises(UserError, match=r"no usable training records in .*train\.jsonl"):
         prepare_data(cfg, True, lambda: None)
+
+
+def test_a_few_profiles_cut_to_nothing_are_logged_with_their_count(tmp_path, sp_tokenizer, caplog):
+    """One record in 25 (4%, under the 5% warning) loses its whole profile: still logged, with its count."""
+    good = generate_records(5, 5, seed=0)
+    long_item = {"title": "Diary", "text": " ".join(["a long day at the chess club in Denver"] * 150)}
+    cut = {**good[0].to_dict(), "record_id": "cut-profile", "profile": [long_item]}
+    path = tmp_path / "train.jsonl"
+    _write_split(path, good[1:], {1: json.dumps(cut)})
+    with caplog.at_level(logging.INFO, logger="perce_ds"):
+        examples, report = tokenize_split(
+            [str(path)], sp_tokenizer, _cfg(path, "data.max_length=768", "data.max_profile_tokens=512")
+        )
+    assert len(examples) == 25 and report.profiles_cut_to_nothing == 1
+    lines = [r for r in caplog.records if "lost their whole profile" in r.getMessage()]
+    assert len(lines) == 1 and "1 of 25 records" in lines[0].getMessage() and lines[0].levelno == logging.INFO

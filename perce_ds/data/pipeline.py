@@ -64,7 +64,14 @@ class SplitReport:
         self.profile_sizes.append(profile_size)
 
     def warn_if_profiles_cut(self, examples: int) -> None:
-        """A profile cut to nothing makes both prompts equal: PIR 0 and weight clip_min for the whole record."""
+        """A profile cut to nothing makes both prompts equal: PIR 0 and weight clip_min for the whole record.
+        Any such record is logged with its count; above 5% of the records as a warning."""
+        if examples and 0 < self.profiles_cut_to_nothing <= 0.05 * examples:
+            log.info(
+                "%s: %d of %d records lost their whole profile to the token budgets (PIR 0, trained as CE); "
+                "data.max_length / data.max_profile_tokens set the budgets",
+                ", ".join(self.files), self.profiles_cut_to_nothing, examples,
+            )  # fmt: skip
         if examples and self.profiles_cut_to_nothing > 0.05 * examples:
             log.warning(
                 "%s: %d of %d records (%.0f%%) lost their whole profile to the token budgets: their PIR is 0 and "

@@ -16,7 +16,7 @@ and `persona_span_kinds` says "copy", "infer" or "infer_heldout".
 Splits hold disjoint users by construction (train: user ids 0 .. `users`-1; eval, the validation split:
 the next `eval_users`; test: the next `eval_users`), so on eval a persona token can only come from
 reading the profile. Why both kinds: with only copyable values a pretrained model copies them from the
-first step and CE and PerCE both hit a ceiling (METHOD.md, "Persona data for pretrained models"). Pure
+first step and CE and PerCE both hit a ceiling (docs/method.md, "Persona data for pretrained models"). Pure
 Python, seedable; no article ("a"/"an") ever precedes a value, so no unmarked token depends on the persona.
 """
 

@@ -17,7 +17,7 @@ PIR as a persona-token detector (`marking_scores`, `best_threshold`): precision 
 against the ground-truth persona-token mask of the synthetic tasks, beside the F1 of a random marking.
 
 The above is the `strict` preset. Published tables use other settings, and stemming and METEOR's tokenisation
-move scores by points, so PRESETS also holds the settings of published evaluations (eval.metrics_preset,
+move scores by points, so PRESETS (perce_ds/metric_presets.py, re-exported here) also holds the settings of published evaluations (eval.metrics_preset,
 `launch/evaluate.py --metrics-preset`); every report names its preset. Only the metric settings and the
 decoding differ between presets: empty generations always score 0 and means are always plain means.
 """
@@ -26,60 +26,18 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# Re-exported: callers that score also name presets through this module.
+from perce_ds.metric_presets import DEFAULT_PRESET, PRESETS, MetricPreset, get_preset  # noqa: F401
+
 METRICS = ("rouge1", "rougeL", "meteor")
 TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
-
-
-@dataclass(frozen=True)
-class MetricPreset:
-    """How ROUGE and METEOR are computed, and the decoding that goes with the published numbers."""
-
-    name: str
-    rouge_stemming: bool  # rouge-score's Porter stemmer
-    meteor_tokens: str  # "words_punct" | "nltk_words" | "whitespace" (see meteor_tokens)
-    max_new_tokens: int  # decoding that goes with it (greedy in every preset)
-    do_sample: bool
-    source: str  # where the settings come from
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-PRESETS = {
-    "strict": MetricPreset(
-        "strict", True, "words_punct", 512, False,
-        "perce-ds: Porter stemming on, METEOR over lower-cased word and punctuation tokens; greedy, 512 new tokens",
-    ),
-    "longlamp": MetricPreset(
-        "longlamp", False, "nltk_words", 512, False,
-        "LongLaMP's/LaMP's evaluation scripts (Hugging Face `evaluate` 'rouge' and 'meteor' with their defaults): "
-        "rouge-score without stemming, METEOR over NLTK word_tokenize tokens (its Punkt sentence splitter "
-        "approximated by splitting after . ! ? followed by white space: Punkt's model is not on the package "
-        "registry); greedy decoding as in PerCE's paper, 512 new tokens. Their ROUGE mean is a bootstrap "
-        "estimate, here the plain mean",
-    ),
-    "mirror": MetricPreset(
-        "mirror", False, "whitespace", 512, False,
-        "the MIRROR re-implementation: rouge-score without stemming, METEOR over white-space tokens; "
-        "greedy decoding, 512 new tokens",
-    ),
-}  # fmt: skip
-DEFAULT_PRESET = "strict"
-ROUGE_STEMMING = PRESETS[DEFAULT_PRESET].rouge_stemming
-
-
-def get_preset(name: str) -> MetricPreset:
-    """The MetricPreset called `name`; ValueError naming the known ones."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown metrics preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name]
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -44,12 +44,12 @@ def main() -> None:
     stored = estep.OfflineWeights(args.weights, estep.fingerprint(trainer.cfg, trainer.data.train, trainer.tokenizer))
     worst, fp32_error, n, all_weights = 0.0, 0.0, 0, []
     with torch.no_grad():  # the micro-batches launch/estimate.py formed, scored the way training scores them
-        for idx, keep in shard_batches(
-            len(trainer.data.train), trainer.rank, trainer.world, trainer.cfg.train.micro_batch_size
+        for number, (idx, keep) in enumerate(
+            shard_batches(len(trainer.data.train), trainer.rank, trainer.world, trainer.cfg.train.micro_batch_size)
         ):
             examples = [trainer.data.train[i] for i in idx]
             batch = collate(examples, trainer.tokenizer.pad_token_id, scored=keep)
-            _, stats = trainer.token_stats(batch, 0, 0)
+            _, stats = trainer.token_stats(batch, number, 0)  # seeded as estep.estimate seeds each batch
             online = token_weights(stats, trainer.cfg.loss)
             offline, pir = stored.for_batch(batch)
             worst = max(worst, float((online - offline).abs().max()), float((stats.pir - pir).abs().max()))
