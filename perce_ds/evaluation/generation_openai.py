@@ -113,12 +113,12 @@ class OpenAIClient:
 
     def complete_text(
         self, prompt: str, max_tokens: int, stop: list[str], settings: GenerationSettings, seed: int
-    ) -> tuple[str, int | None, str]:
-        """(text, completion tokens or None when the server reports no usage, raw finish_reason)."""
+    ) -> tuple[str, dict[str, Any], str]:
+        """(text, the answer's `usage` ({} when the server reports none), raw finish_reason)."""
         payload = {"model": self.spec.model, "prompt": prompt, "max_tokens": max_tokens, "stop": stop}
         answer = self.post("completions", {**payload, **self.sampling(settings, seed)})
         choice = _first_choice(answer, self.base)
-        return choice.get("text") or "", (answer.get("usage") or {}).get("completion_tokens"), choice["finish_reason"]
+        return choice.get("text") or "", answer.get("usage") or {}, choice.get("finish_reason")
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int, settings: GenerationSettings, seed: int) -> str:
         """The assistant message's text for `messages` (the server applies its own chat template)."""
@@ -146,10 +146,21 @@ class OpenAIBackend:
         self.spec, self.tokenizer = spec, tokenizer
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_texts = [tokenizer.decode([i], skip_special_tokens=False) for i in self.stop_ids]
+        self.prompt_token_mismatches = 0
 
     def _one(self, prompt_ids: list[int], max_new_tokens: int, settings: GenerationSettings, seed: int) -> Completion:
         prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
-        text, n_tokens, reason = self.client.complete_text(prompt, max_new_tokens, self.stop_texts, settings, seed)
+        text, usage, reason = self.client.complete_text(prompt, max_new_tokens, self.stop_texts, settings, seed)
+        served = usage.get("prompt_tokens")
+        if served is not None and served != len(prompt_ids):  # the server tokenised our text differently
+            self.prompt_token_mismatches += 1
+            if self.prompt_token_mismatches == 1:
+                log.warning(
+                    "%s counts %d prompt tokens where the run's tokenizer has %d: the served model's tokenizer "
+                    "differs from the run's (special tokens not parsed? a BOS added?); its answers are to other prompts",
+                    self.client.base, served, len(prompt_ids),
+                )  # fmt: skip
+        n_tokens = usage.get("completion_tokens")
         if reason not in FINISH:
             raise ServerError(
                 f"{self.client.base}: unknown finish_reason {reason!r} (expected one of {sorted(FINISH)})"
