@@ -51,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     name = EvalOptions(run=args.run, split=args.split, tasks=args.tasks, ablated=args.ablated, name=args.name)
     eval_dir = args.run / "eval" / name.output_name()
     items, meta = load_judge_items(args.run, eval_dir)
-    model = make_judge(args.judge, args.batch_size, args.max_new_tokens)
+    model = make_judge(args.judge, args.max_new_tokens)
     cache = judge.VerdictCache(args.cache or eval_dir / "judge_cache.jsonl")
     verdicts = judge.judge_items(
         model, items, rubric, cache, args.max_attempts, args.batch_size, retry_unscored=args.retry_unscored
     )
     summary_meta = {"run": args.run.name, "eval_dir": str(eval_dir), "seed": args.seed, "split": meta.get("split")}
     summary_meta["n_from_cache"] = sum(v.cached for v in verdicts)
+    summary_meta["judge_calls"] = model.calls  # prompts sent to the judge by this invocation (retries included)
     judge.write_judge_outputs(eval_dir, verdicts, model.model_id, rubric, summary_meta)
     print((eval_dir / "judge.md").read_text())
     print(

@@ -17,7 +17,7 @@ from typing import Any
 
 from perce_ds.data.prompts import render_prompt
 from perce_ds.evaluation.generation import GenerationBackend, GenerationSettings
-from perce_ds.evaluation.judge import JudgeError, JudgeItem, JudgeModel
+from perce_ds.evaluation.judge import JudgeError, JudgeItem
 from perce_ds.evaluation.metrics import strip_think
 
 RETRY_TEMPERATURE = 0.7  # a retry must be able to differ from the greedy reply it replaces
@@ -87,8 +87,22 @@ def parse_judge_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return kind, target, options
 
 
-def make_judge(spec: str, batch_size: int = 8, max_new_tokens: int = 48) -> JudgeModel:
-    """The JudgeModel a --judge spec names (loads an hf model in this process)."""
+class LazyJudge:
+    """A judge whose model is loaded on its first question (a rerun answered from the cache loads nothing);
+    `calls` counts the prompts it was asked."""
+
+    def __init__(self, model_id: str, load: Any) -> None:
+        self.model_id, self._load, self._judge, self.calls = model_id, load, None, 0
+
+    def ask(self, system: str, prompts: list[str], attempt: int, reply_prefix: str = "") -> list[str]:
+        if self._judge is None:
+            self._judge = self._load()
+        self.calls += len(prompts)
+        return self._judge.ask(system, prompts, attempt, reply_prefix)
+
+
+def make_judge(spec: str, max_new_tokens: int = 48) -> LazyJudge:
+    """The judge a --judge spec names; its model (or client) is made on first use."""
     kind, target, options = parse_judge_spec(spec)
     if kind == "openai":
         from perce_ds.evaluation.generation_openai import OpenAIClient, ServerSpec
@@ -96,7 +110,18 @@ def make_judge(spec: str, batch_size: int = 8, max_new_tokens: int = 48) -> Judg
         if "model" not in options:
             raise JudgeError(f"--judge {spec!r}: an openai judge needs model=NAME")
         server = ServerSpec(target, options["model"], options.get("api_key_env"), int(options.get("concurrency", 8)))
-        return ChatJudge(OpenAIClient(server), f"openai:{server.model}", server.concurrency, max_new_tokens)
+        client = OpenAIClient(server)  # an unset key variable fails now, not after the cache was read
+        return LazyJudge(f"openai:{server.model}", lambda: ChatJudge(client, "", server.concurrency, max_new_tokens))
+    from perce_ds.evaluation import runs
+
+    model_dir = Path(target)
+    if not (model_dir / "config.json").is_file():
+        raise JudgeError(f"--judge {spec!r}: {model_dir} is not a Hugging Face model folder (no config.json)")
+    model_id = f"{kind}:{model_dir.resolve().name}:{runs.model_identity(model_dir)}"
+    return LazyJudge(model_id, lambda: _load_templated(kind, model_dir, options, max_new_tokens))
+
+
+def _load_templated(kind: str, model_dir: Path, options: dict[str, str], max_new_tokens: int) -> TemplatedJudge:
     import torch
 
     from perce_ds.data.tokenizer import load_tokenizer
@@ -104,11 +129,7 @@ def make_judge(spec: str, batch_size: int = 8, max_new_tokens: int = 48) -> Judg
     from perce_ds.evaluation.generation import HFBackend
     from perce_ds.model import resolve_dtype
 
-    model_dir = Path(target)
-    if not (model_dir / "config.json").is_file():
-        raise JudgeError(f"--judge {spec!r}: {model_dir} is not a Hugging Face model folder (no config.json)")
     tokenizer = load_tokenizer(model_dir)
-    model_id = f"{kind}:{model_dir.resolve().name}:{runs.model_identity(model_dir)}"
     dtype = resolve_dtype(options.get("dtype", "auto"))
     if kind == "vllm":
         from perce_ds.evaluation.generation_vllm import VLLMBackend
@@ -119,7 +140,7 @@ def make_judge(spec: str, batch_size: int = 8, max_new_tokens: int = 48) -> Judg
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         backend = HFBackend(runs.load_plain_model(model_dir, dtype, device), tokenizer)
-    return TemplatedJudge(backend, tokenizer, model_id, max_new_tokens)
+    return TemplatedJudge(backend, tokenizer, "", max_new_tokens)
 
 
 def load_judge_items(run_dir: Path, eval_dir: Path) -> tuple[list[JudgeItem], dict[str, Any]]:
