@@ -49,6 +49,7 @@ def compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) -> str:
         f"# Comparison ({eval_name or 'default evaluation'})\n\nScores x100; gain relative to `{labels[0]}`; "
         "p: two-sided paired bootstrap over shared records (1000 resamples, seeded).\n\n"
         + report.render_comparison(comparison)
+        + render_generation_lengths(dirs, labels)
         + (render_judge_comparison(judged) if judged else "")
         + "\n## Cross-task matrix\n\n"
         + report.render_matrix(matrix)
@@ -59,6 +60,19 @@ def compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) -> str:
         json.dumps({**comparison, "cross_task_meteor": matrix, "judge": judged}, indent=2)
     )
     return md
+
+
+def render_generation_lengths(dirs: list[Path], labels: list[str]) -> str:
+    """Each run's mean generated length and end-of-turn rate (scores.json; n/a for evaluations made before these
+    were recorded)."""
+    lines = ["\n| run | mean generated tokens | end of turn (%) |", "|---|---|---|"]
+    for d, label in zip(dirs, labels):
+        gen = json.loads((d / "scores.json").read_text())["overall"].get("generation") or {}
+        if gen.get("n"):
+            lines.append(f"| {label} | {gen['mean_generated_tokens']:.1f} | {100 * gen['end_of_turn_rate']:.1f} |")
+        else:
+            lines.append(f"| {label} | n/a | n/a |")
+    return "\n".join(lines) + "\n"
 
 
 def judge_comparison(dirs: list[Path], labels: list[str], seed: int = 0) -> dict | None:

@@ -144,3 +144,4 @@ def test_smollm2_judges_an_evaluation_and_a_rerun_comes_from_the_cache(tmp_path)
     md = (out / "compare.md").read_text()
     assert "LLM judge" in md and "rubric `v1`" in md and result["judge"] in md
     assert "| personalisation |" in md and "| quality |" in md
+    assert "| run | mean generated tokens | end of turn (%) |" in md and "| other |" in md
