@@ -168,3 +168,13 @@ def test_vllm_backend_refuses_on_cpu_with_one_line(tiny_run):
     lines = [x for x in proc.stderr.splitlines() if x.strip() and "WARNING" not in x and "warn" not in x.lower()]
     assert lines == [lines[0]] and lines[0].startswith("error: --backend vllm needs a CUDA GPU"), proc.stderr
     assert not (tiny_run / "eval" / "v").exists()  # refused before anything was written
+
+
+def test_backend_option_combinations_are_refused_before_loading(tiny_run):
+    from perce_ds.evaluation.runs import EvalInputError
+
+    with pytest.raises(EvalInputError, match="--backend openai needs --base-url URL and --served-model NAME"):
+        evaluate_run(EvalOptions(run=tiny_run, backend="openai", server=ServerSpec("", "")))
+    with pytest.raises(EvalInputError, match="--backend vllm generates from an exported Hugging Face folder"):
+        evaluate_run(EvalOptions(run=tiny_run, backend="vllm", zero3=True))
+    assert not (tiny_run / "eval" / "openai").exists()
