@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from perce_ds.export_check import ExportCheckError, check_export, expected_state
+
 log = logging.getLogger("perce_ds")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "perce_state.json"  # our state beside DeepSpeed's files; written last, so it marks a complete checkpoint
@@ -172,18 +174,29 @@ def export_hf(lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, c
     from safetensors.torch import save_file
 
     state = _gathered_state_dict(lm, rank0)
+    error = None
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"}
         )
+        if not getattr(
+            lm.config, "architectures", None
+        ):  # set by save_pretrained, which this bypasses; loaders need it
+            lm.config.architectures = [type(lm).__name__]
         lm.config.save_pretrained(str(out_dir))
         if getattr(lm, "generation_config", None) is not None:
             lm.generation_config.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
         (out_dir / "README.md").write_text(card)
+        try:  # a bad export fails here, not in the evaluation job; raised after the barrier, so no rank hangs
+            check_export(out_dir, *expected_state(lm), tokenizer_len=len(tokenizer))
+        except ExportCheckError as e:
+            error = e
     if dist.is_initialized():
         dist.barrier()
+    if error is not None:
+        raise error
 
 
 def model_card(run_name: str, settings: dict[str, Any], total_steps: int, world: int) -> str:
