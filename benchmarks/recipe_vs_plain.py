@@ -27,7 +27,9 @@ How it is measured
   it): at 1 rank both have the whole machine; at N ranks the plain loop has one rank's share and does all
   N micro-batches, so the ratio is what spreading the global batch over N processes gains or costs.
 * Same math, checked: the recipe's and the plain loop's loss at every round (both models take the same
-  steps from the same weights, so they stay equal up to float rounding) - `loss_max_rel_diff`.
+  steps from the same weights, so they stay equal up to float rounding) - `loss_max_rel_diff`. The plain
+  loop and fp32 variants without ZeRO partitioning copy the first variant's initial weights; other variants
+  start from their own initialisation, the same for a pretrained model.
 * Where the time goes: `breakdown_rounds` extra rounds under perce_ds.profiling timing (ablated forward,
   conditioned forward and the log-prob head inside them, backward, optimizer step) plus DeepSpeed's ZeRO-3
   fetch/release (benchmarks.step_cost.zero3_phases); `other` = step time minus the phases (collate, the
@@ -218,6 +220,7 @@ def worker_time(spec: dict[str, Any], out: Path) -> None:
     import torch.distributed as dist
     from transformers.integrations import deepspeed as hf_ds
 
+    from perce_ds.ds_config import zero_stage
     from perce_ds.engine import Trainer
 
     variants: dict[str, str] = spec["variants"]  # name -> DeepSpeed config
@@ -228,6 +231,12 @@ def worker_time(spec: dict[str, Any], out: Path) -> None:
         hf_ds.unset_hf_deepspeed_config()
         trainers[name] = Trainer(_config(spec, name), ds)
     first = next(iter(trainers.values()))
+    for trainer in trainers.values():
+        # Start every variant from the first one's weights where that is a plain copy: an fp32 engine without ZeRO
+        # partitioning steps the module's own parameters. (A pretrained model starts equal anyway; one built from a
+        # config is initialised differently inside and outside zero.Init.)
+        if trainer is not first and zero_stage(trainer.ds_config) == 0 and trainer.dtype == torch.float32:
+            copy_weights(first.module.lm, trainer.module.lm)
     eps = first.ds_config["optimizer"]["params"].get("eps", 1e-8)
     if first.is_rank0:
         plain = PlainLoop(first.cfg, first.data, first.order, spec["plain_threads"], eps, init_from=first.module.lm)
