@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not checkpoint.is_checkpoint(args.checkpoint):
         parser.error(f"{args.checkpoint} is not a complete perce_ds checkpoint (no {checkpoint.STATE_FILE})")
+    if not checkpoint.zero_partitioned(args.checkpoint):
+        parser.error(
+            f"{args.checkpoint} was written without ZeRO partitioning (ZeRO stage 0, e.g. ds_configs/zero0.json), "
+            "and DeepSpeed builds the universal format from ZeRO shards: resume it on the world size that wrote it, "
+            "or start a new run from its hf/ export"
+        )
     out = args.out or args.checkpoint.parent.parent / "checkpoints_universal" / args.checkpoint.name
     checkpoint.convert_to_universal(args.checkpoint, out)
     state = checkpoint.read_state(out)

@@ -119,6 +119,12 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     return read_state(path)
 
 
+def zero_partitioned(path: Path) -> bool:
+    """True when DeepSpeed wrote ZeRO optimizer shards into checkpoint `path` (what the universal conversion
+    reads). Without ZeRO partitioning (stage 0, ds_configs/zero0.json) everything is in one model-states file."""
+    return any(path.glob("*optim_states.pt"))
+
+
 def convert_to_universal(path: Path, out: Path) -> Path:
     """DeepSpeed's universal checkpoint of `path` (loadable on any number of ranks), written atomically."""
     import subprocess

@@ -56,6 +56,32 @@ def test_step_cost_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_recipe_vs_plain_smoke(tmp_path: Path) -> None:
+    """The recipe (ZeRO-3 and ZeRO stage 0, 1 and 2 ranks) against the plain loop: every row and phase present and
+    finite, and all compute the same loss from the same weights and batches (fp32: rounding only, ~1e-7)."""
+    out = tmp_path / "recipe_vs_plain.json"
+    variants = ["--variant", "recipe=ds_configs/zero3.json", "--variant", "zero0=ds_configs/zero0.json"]
+    proc = _run(["-m", "benchmarks.recipe_vs_plain", "--smoke", "--nproc", "1", "2", *variants, "--json", str(out)],
+                timeout=480)  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["world_size"], r["variant"]) for r in rows] == [
+        (n, v) for n in (1, 2) for v in ("recipe", "zero0", "plain")
+    ]
+    for row in rows:
+        for key in ("median_step_s", "ratio_to_plain", "paired_ratio_to_plain", "loss_max_rel_diff", "peak_mem_bytes"):
+            assert _finite(row[key]), (row["world_size"], row["variant"], key, row[key])
+        assert row["median_step_s"] > 0 and row["peak_mem_bytes"] > 0
+        assert row["loss_max_rel_diff"] < 1e-5, row  # the plain loop does the recipe's math
+        phases = row["breakdown_s"]
+        for key in ("ablated_fwd", "cond_fwd", "backward", "optimizer_step", "other"):
+            assert _finite(phases[key]), (row["variant"], key)
+        assert any(k.endswith("zero3_fetch") for k in phases) == (row["variant"] == "recipe")
+    for plain in (r for r in rows if r["variant"] == "plain"):
+        assert plain["ratio_to_plain"] == 1.0 and plain["processes"] == 1
+    assert rows[3]["processes"] == 2 and "target recipe at 1 rank" in proc.stdout
+
+
+@pytest.mark.slow
 def test_padding_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "padding.json"
     _run(["-m", "benchmarks.padding", "--micro-batch-sizes", "1", "4", "--json", str(out)], timeout=300)

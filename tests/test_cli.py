@@ -84,3 +84,26 @@ def test_readme_main_command_trains_on_named_files(tmp_path):
     assert report["train"]["users"] == 3  # the synthetic set has 24
     assert not (run / "data").exists()  # no synthetic files were written
     assert f"data: train {mine} (9 examples), eval {mine_eval} (3 examples)" in proc.stdout + proc.stderr
+
+
+def test_convert_checkpoint_refuses_a_checkpoint_without_zero_shards(tmp_path, capsys):
+    """A ZeRO stage-0 checkpoint (ds_configs/zero0.json: one model-states file, no optimizer shards) cannot become
+    universal: one error line that says so, exit 2, instead of ds_to_universal's traceback."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import convert_checkpoint
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+    from perce_ds import checkpoint
+
+    ckpt = tmp_path / "checkpoints" / "step_4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"")
+    checkpoint.write_state(ckpt, {"step": 4, "world_size": 1})
+    assert checkpoint.is_checkpoint(ckpt) and not checkpoint.zero_partitioned(ckpt)
+    with pytest.raises(SystemExit) as exit_info:
+        convert_checkpoint.main([str(ckpt)])
+    assert exit_info.value.code == 2
+    assert "without ZeRO partitioning" in capsys.readouterr().err
+    (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert checkpoint.zero_partitioned(ckpt)  # what ZeRO 1-3 write: the conversion goes ahead
