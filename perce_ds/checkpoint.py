@@ -81,8 +81,11 @@ def params_are_finite(module: torch.nn.Module) -> bool:
     return bool(flag.item())
 
 
-def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write step_N atomically (tmp dir + rename), then prune to the newest `keep_last`."""
+def save_checkpoint(
+    engine: Any, ckpt_root: Path, step: int, state: dict[str, Any], keep_last: int, adapters_only: bool = False
+) -> Path:
+    """Write step_N atomically (tmp dir + rename), then prune to the newest `keep_last`. `adapters_only`
+    (LoRA): frozen parameters are left out; they come back from the base model on resume."""
     if not params_are_finite(engine.module):
         raise RuntimeError(f"refusing to write a checkpoint at step {step}: the model has non-finite parameters")
     rank0 = engine.global_rank == 0
@@ -91,7 +94,9 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, An
     if rank0 and (ckpt_root / tmp_tag).exists():
         shutil.rmtree(ckpt_root / tmp_tag)  # debris of an earlier kill
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, save_latest=False)  # our state: STATE_FILE
+    engine.save_checkpoint(  # our state: STATE_FILE
+        str(ckpt_root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=adapters_only
+    )
     dist.barrier()
     if rank0:
         write_state(ckpt_root / tmp_tag, state)
@@ -109,9 +114,10 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler; return the perce state saved with it."""
-    load_path, _client = engine.load_checkpoint(str(path.parent), tag=path.name)
+def load_checkpoint(engine: Any, path: Path, adapters_only: bool = False) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler; return the perce state saved with it. `adapters_only`: a LoRA
+    checkpoint, which holds the trainable parameters only (the frozen ones are the base model's)."""
+    load_path, _client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not adapters_only)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
     return read_state(path)
@@ -167,11 +173,15 @@ def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Te
     return state
 
 
-def export_hf(lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, card: str) -> None:
-    """Write a from_pretrained-loadable folder: model.safetensors, config, tokenizer, README.md."""
+def export_hf(
+    lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, card: str,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:  # fmt: skip
+    """Write a from_pretrained-loadable folder: model.safetensors, config, tokenizer, README.md. `state`: the
+    weights to write when they are not lm's own parameters (a LoRA model's merged weights, on rank 0)."""
     from safetensors.torch import save_file
 
-    state = _gathered_state_dict(lm, rank0)
+    state = _gathered_state_dict(lm, rank0) if state is None else state
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(
