@@ -246,9 +246,10 @@ def test_lora_zero3_steps_equal_plain_pytorch_lora_steps(setup):
 
 
 @pytest.mark.slow
-def test_lora_resume_and_universal_reshard_reproduce_the_straight_run(setup, tmp_path):
+def test_lora_resume_universal_reshard_and_offline_scoring(setup, tmp_path):
     """Adam: 4 steps straight == 2 steps + resume auto + 2 steps (1e-6); the checkpoint holds adapters and their
-    optimizer state only; its universal copy resumes on 1 rank (same global batch) with the straight run's loss."""
+    optimizer state only; its universal copy resumes on 1 rank (same global batch) with the straight run's loss;
+    launch/estimate.py scores with the adapter from hf_adapter/ or the checkpoint as with the merged hf/."""
     runs = setup["root"] / "runs"
     common = {"max_steps": 4, "lr": 1e-2, "lr_scheduler": "cosine", "max_grad_norm": 1.0, "weight_decay": 0.01}
     check(train(setup["root"], lora_recipe(setup, "lora-straight", **common), 2, setup["adam"]))
@@ -291,3 +292,23 @@ def test_lora_resume_and_universal_reshard_reproduce_the_straight_run(setup, tmp
     single = read_jsonl(runs / "lora-one-rank" / "metrics.jsonl")
     assert [r["step"] for r in single] == [3]
     assert single[0]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-5)
+
+    # Offline EM scores with base + adapter: from hf_adapter/ or from the LoRA checkpoint (with the LoRA recipe),
+    # the same PIR as from the merged hf/ (fp32; merged vs unmerged weights differ by rounding alone).
+    estimate, straight_recipe = ROOT / "launch" / "estimate.py", setup["root"] / "recipe-lora-straight.yaml"
+    pirs = {}
+    for kind, model in (("merged", "hf"), ("adapter", "hf_adapter"), ("checkpoint", "checkpoints/step_4")):
+        out = tmp_path / f"estimate-{kind}"
+        args = ["--recipe", straight_recipe, "--deepspeed", setup["adam"], "--model", runs / "lora-straight" / model]
+        proc = run_job([sys.executable, estimate, *args, "--out", out], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        pirs[kind] = torch.tensor([p for row in read_parquet_rows(out / "shard-0.parquet") for p in row["pir"]])
+    assert pirs["merged"].abs().max() > 0.1  # not a model that ignores the profile
+    torch.testing.assert_close(pirs["adapter"], pirs["merged"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(pirs["checkpoint"], pirs["adapter"], atol=1e-6, rtol=0)
+
+
+def read_parquet_rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
