@@ -150,6 +150,26 @@ def consolidated_lm_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(LM_PREFIX): v for k, v in state.items()}
 
 
+def load_lm_weights(lm: torch.nn.Module, path: Path, adapters_only: bool = False) -> None:
+    """Copy a checkpoint's consolidated fp32 weights into `lm`'s (ZeRO-3 partitioned) parameters, written on any
+    number of ranks (a collective). `adapters_only`: a LoRA checkpoint, which holds the trainable parameters only.
+    (DeepSpeed's load_module_only looks for a `latest` file, which our atomic checkpoints do not write.)"""
+    import deepspeed
+
+    state = consolidated_lm_weights(path)
+    params = dict(lm.named_parameters(remove_duplicate=False))  # tied weights: under both names, as DeepSpeed saves
+    unexpected = sorted(set(state) - set(params))
+    missing = sorted(n for n, p in params.items() if n not in state and (p.requires_grad or not adapters_only))
+    if unexpected or missing:
+        raise RuntimeError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    for name, p in params.items():
+        if name in state:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                if rank0:
+                    p.copy_(state[name].to(p.dtype))
+
+
 def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:
     """Full parameters and buffers on rank 0's CPU, gathered one module at a time."""
     import deepspeed
