@@ -34,7 +34,7 @@ class LoraConfig:
 
     r: int = 16
     alpha: float = 32.0  # peft's lora_alpha: the update is (alpha / r) B A
-    # 0 by default: dropout in the conditioned pass makes PIR noisy (the ablated pass runs without it)
+    # 0 by default: adapter dropout in the PerCE passes would make each token's PIR noisy
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module names (suffixes)
     modules_to_save: list[str] = field(default_factory=list)  # modules trained in full (e.g. lm_head)
