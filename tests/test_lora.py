@@ -70,6 +70,14 @@ def test_config_defaults_and_errors(tmp_path):
         RunConfig.load(base_recipe(tmp_path, {"name_or_path": "m", "lora": {"rank": 4}}))
 
 
+def test_missing_peft_is_a_clear_error(monkeypatch):
+    from perce_ds import lora
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # what an environment without the lora extra imports
+    with pytest.raises(ConfigError, match=r"model.lora needs peft.*pip install -e '\.\[lora\]'"):
+        lora.add_adapters(tiny_lm(), lora_cfg())
+
+
 def test_adapters_are_the_only_trainable_parameters_and_bad_targets_are_refused():
     from perce_ds.lora import add_adapters, count_parameters
 
