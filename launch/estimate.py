@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, args.deepspeed, inference_only=True)
     out = Path(args.out)
     if ds_checkpoint:
-        checkpoint.load_lm_weights(trainer.module.lm, model, adapters_only=cfg.model.lora is not None)
+        checkpoint.load_lm_weights(trainer.module.lm, model)
     if cfg.model.name_or_path is None or ds_checkpoint or cfg.model.lora is not None:
         # Give the estimating model a folder the M-step can start from (and fingerprint); LoRA: merged.
         exported = out / "model"

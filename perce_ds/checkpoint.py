@@ -81,11 +81,15 @@ def params_are_finite(module: torch.nn.Module) -> bool:
     return bool(flag.item())
 
 
-def save_checkpoint(
-    engine: Any, ckpt_root: Path, step: int, state: dict[str, Any], keep_last: int, adapters_only: bool = False
-) -> Path:
-    """Write step_N atomically (tmp dir + rename), then prune to the newest `keep_last`. `adapters_only`
-    (LoRA): frozen parameters are left out; they come back from the base model on resume."""
+def has_frozen_parameters(module: torch.nn.Module) -> bool:
+    """True for a model that trains only part of its weights (LoRA): its checkpoints leave the frozen ones out,
+    which come back from the base model (model.name_or_path) when a run resumes."""
+    return any(not p.requires_grad for p in module.parameters())
+
+
+def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write step_N atomically (tmp dir + rename), then prune to the newest `keep_last`; frozen parameters are
+    left out (has_frozen_parameters)."""
     if not params_are_finite(engine.module):
         raise RuntimeError(f"refusing to write a checkpoint at step {step}: the model has non-finite parameters")
     rank0 = engine.global_rank == 0
@@ -95,7 +99,7 @@ def save_checkpoint(
         shutil.rmtree(ckpt_root / tmp_tag)  # debris of an earlier kill
     dist.barrier()
     engine.save_checkpoint(  # our state: STATE_FILE
-        str(ckpt_root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=adapters_only
+        str(ckpt_root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=has_frozen_parameters(engine.module)
     )
     dist.barrier()
     if rank0:
@@ -114,10 +118,11 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def load_checkpoint(engine: Any, path: Path, adapters_only: bool = False) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler; return the perce state saved with it. `adapters_only`: a LoRA
-    checkpoint, which holds the trainable parameters only (the frozen ones are the base model's)."""
-    load_path, _client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not adapters_only)
+def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler; return the perce state saved with it. A model with frozen parameters
+    (LoRA) finds only its trainable ones in the checkpoint: the frozen ones are the base model's."""
+    strict = not has_frozen_parameters(engine.module)
+    load_path, _client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=strict)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
     return read_state(path)
@@ -150,16 +155,16 @@ def consolidated_lm_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(LM_PREFIX): v for k, v in state.items()}
 
 
-def load_lm_weights(lm: torch.nn.Module, path: Path, adapters_only: bool = False) -> None:
+def load_lm_weights(lm: torch.nn.Module, path: Path) -> None:
     """Copy a checkpoint's consolidated fp32 weights into `lm`'s (ZeRO-3 partitioned) parameters, written on any
-    number of ranks (a collective). `adapters_only`: a LoRA checkpoint, which holds the trainable parameters only.
-    (DeepSpeed's load_module_only looks for a `latest` file, which our atomic checkpoints do not write.)"""
+    number of ranks (a collective); frozen parameters may be absent (has_frozen_parameters). DeepSpeed's
+    load_module_only would look for a `latest` file, which our atomic checkpoints do not write."""
     import deepspeed
 
     state = consolidated_lm_weights(path)
     params = dict(lm.named_parameters(remove_duplicate=False))  # tied weights: under both names, as DeepSpeed saves
     unexpected = sorted(set(state) - set(params))
-    missing = sorted(n for n, p in params.items() if n not in state and (p.requires_grad or not adapters_only))
+    missing = sorted(n for n, p in params.items() if n not in state and p.requires_grad)
     if unexpected or missing:
         raise RuntimeError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0

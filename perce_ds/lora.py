@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from perce_ds.checkpoint import export_hf
 from perce_ds.config import ConfigError, LoraConfig
 
 log = logging.getLogger("perce_ds")
@@ -199,3 +200,13 @@ def save_adapter(peft_model: Any, out_dir: Path, rank0: bool) -> None:
         peft_model.save_pretrained(str(out_dir), state_dict=state, save_embedding_layers=False)
     if dist.is_initialized():
         dist.barrier()
+
+
+def export_model(peft_model: Any, lm: nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, card: str) -> None:
+    """The trained model as a Hugging Face folder (a collective): plain (`peft_model` None) as checkpoint.export_hf;
+    adapted: the merged model in `out_dir` and the adapter alone beside it in `<out_dir>_adapter` (hf/ ->
+    hf_adapter/; the keep-best export's hf_best.tmp/ -> hf_best_adapter/)."""
+    merged = None if peft_model is None else merged_state_dict(lm, rank0)
+    export_hf(lm, tokenizer, out_dir, rank0, card, merged)
+    if peft_model is not None:
+        save_adapter(peft_model, out_dir.with_name(out_dir.name.removesuffix(".tmp") + "_adapter"), rank0)
