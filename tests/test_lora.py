@@ -91,6 +91,13 @@ def test_adapters_are_the_only_trainable_parameters_and_bad_targets_are_refused(
     per_layer = sum(4 * (a + b) for a, b in ((h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)))
     assert count_parameters(lm)[0] == 2 * per_layer
     assert {n.replace(".base_layer.", ".") for n, p in lm.named_parameters() if not p.requires_grad} == names_before
+    # LoRA dropout counts as the model's dropout (PIR then gets its eval-mode pass); 0 adds none.
+    from perce_ds.model import active_dropout
+
+    assert active_dropout(lm) == []
+    dropping = tiny_lm()
+    add_adapters(dropping, lora_cfg(dropout=0.1))
+    assert len(active_dropout(dropping)) == 2 * 7 and all(".lora_dropout." in d for d in active_dropout(dropping))
     with pytest.raises(ConfigError, match="target_modules=\\['nope'\\]"):
         add_adapters(tiny_lm(), lora_cfg(target_modules=["nope"]))
     with pytest.raises(ConfigError, match="adapts the output embedding"):
