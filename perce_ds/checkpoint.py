@@ -175,26 +175,32 @@ def load_lm_weights(lm: torch.nn.Module, path: Path) -> None:
                     p.copy_(state[name].to(p.dtype))
 
 
-def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:
-    """Full parameters and buffers on rank 0's CPU, gathered one module at a time."""
+def gather_module_state(
+    module: torch.nn.Module, prefix: str, rank0: bool, state: dict[str, torch.Tensor], seen: set[int]
+) -> None:
+    """Add `module`'s own parameters (gathered under ZeRO-3; a collective) and persistent buffers to `state` on
+    rank 0's CPU, named `<prefix>.<name>`; a weight already in `seen` (tied) is stored once."""
     import deepspeed
 
-    state: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for mod_name, module in lm.named_modules():
-        params = list(module.named_parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-            if rank0:
-                for name, p in params:
-                    key = f"{mod_name}.{name}" if mod_name else name
-                    if id(p) in seen:  # a tied weight: stored once, re-tied by from_pretrained
-                        continue
-                    seen[id(p)] = key
-                    state[key] = p.detach().cpu().clone()
+    params = list(module.named_parameters(recurse=False))
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
         if rank0:
-            for name, buf in module.named_buffers(recurse=False):
-                if name not in module._non_persistent_buffers_set:
-                    state[f"{mod_name}.{name}" if mod_name else name] = buf.detach().cpu().clone()
+            for name, p in params:
+                if id(p) not in seen:  # a tied weight: stored once, re-tied by from_pretrained
+                    seen.add(id(p))
+                    state[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
+    if rank0:
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                state[f"{prefix}.{name}" if prefix else name] = buf.detach().cpu().clone()
+
+
+def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:
+    """Full parameters and buffers on rank 0's CPU, gathered one module at a time."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, module in lm.named_modules():
+        gather_module_state(module, name, rank0, state, seen)
     return state
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from perce_ds.checkpoint import export_hf
+from perce_ds.checkpoint import export_hf, gather_module_state
 from perce_ds.config import ConfigError, LoraConfig
 
 log = logging.getLogger("perce_ds")
@@ -167,22 +167,12 @@ def merged_state_dict(lm: nn.Module, rank0: bool) -> dict[str, torch.Tensor]:
                     if base.bias is not None:
                         state[f"{name}.bias"] = base.bias.detach().cpu().clone()
             done.append(name + ".")
-            continue
-        if isinstance(module, ModulesToSaveWrapper):
-            module, done = module.modules_to_save[ADAPTER], [*done, name + "."]
-            params = [(f"{name}.{n}", p) for n, p in module.named_parameters()]
+        elif isinstance(module, ModulesToSaveWrapper):  # the trained copy, under the original's names
+            for sub, part in module.modules_to_save[ADAPTER].named_modules():
+                gather_module_state(part, f"{name}.{sub}" if sub else name, rank0, state, seen)
+            done.append(name + ".")
         else:
-            params = [(f"{name}.{n}" if name else n, p) for n, p in module.named_parameters(recurse=False)]
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-            if rank0:
-                for key, p in params:
-                    if id(p) not in seen:  # a tied weight: stored once, re-tied by from_pretrained
-                        seen.add(id(p))
-                        state[key] = p.detach().cpu().clone()
-        if rank0:
-            for n, buf in module.named_buffers(recurse=False):
-                if n not in module._non_persistent_buffers_set:
-                    state[f"{name}.{n}" if name else n] = buf.detach().cpu().clone()
+            gather_module_state(module, name, rank0, state, seen)
     return state
 
 
