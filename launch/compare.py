@@ -46,17 +46,91 @@ def compare(runs: list[Path], eval_name: str, out: Path, seed: int = 0) -> str:
     matrix = report.cross_task_matrix({r.name: eval_dirs_of(r) for r in runs})
     out.mkdir(parents=True, exist_ok=True)
     report.plot_training_curves(runs, labels, out / "training_curves.png")
+    judged = judge_comparison(dirs, labels, seed)
     md = (
         f"# Comparison ({eval_name or 'default evaluation'})\n\nScores x100; gain relative to `{labels[0]}`; "
         "p: two-sided paired bootstrap over shared records (1000 resamples, seeded).\n\n"
         + report.render_comparison(comparison)
+        + render_generation_lengths(dirs, labels)
+        + (render_judge_comparison(judged) if judged else "")
         + "\n## Cross-task matrix\n\n"
         + report.render_matrix(matrix)
         + "\n![training curves](training_curves.png)\n"
     )
     (out / "compare.md").write_text(md)
-    (out / "compare.json").write_text(json.dumps({**comparison, "cross_task_meteor": matrix}, indent=2))
+    (out / "compare.json").write_text(
+        json.dumps({**comparison, "cross_task_meteor": matrix, "judge": judged}, indent=2)
+    )
     return md
+
+
+def render_generation_lengths(dirs: list[Path], labels: list[str]) -> str:
+    """Each run's mean generated length and end-of-turn rate (scores.json; n/a for evaluations made before these
+    were recorded)."""
+    lines = ["\n| run | mean generated tokens | end of turn (%) |", "|---|---|---|"]
+    for d, label in zip(dirs, labels):
+        gen = json.loads((d / "scores.json").read_text())["overall"].get("generation") or {}
+        if gen.get("n"):
+            lines.append(f"| {label} | {gen['mean_generated_tokens']:.1f} | {100 * gen['end_of_turn_rate']:.1f} |")
+        else:
+            lines.append(f"| {label} | n/a | n/a |")
+    return "\n".join(lines) + "\n"
+
+
+def judge_comparison(dirs: list[Path], labels: list[str], seed: int = 0) -> dict | None:
+    """The LLM judge's means per run and each run's paired difference to the first (records scored in both), when
+    every evaluation was judged (launch/judge.py) by the same judge with the same rubric; else None."""
+    from perce_ds.evaluation.judge import JUDGE_METRICS
+    from perce_ds.evaluation.token_eval import paired_mean_difference
+
+    if not all((d / "judge.json").is_file() for d in dirs):
+        return None
+    results = [json.loads((d / "judge.json").read_text()) for d in dirs]
+    judges = {(r["judge"], r["prompt_version"]) for r in results}
+    if len(judges) > 1:
+        return {"error": f"the evaluations were judged by different judges or rubrics: {sorted(judges)}"}
+    rows = [
+        {json.loads(x)["record_id"]: json.loads(x) for x in (d / "judge.jsonl").read_text().splitlines()} for d in dirs
+    ]
+    scored = [{k: v for k, v in r.items() if v["status"] == "scored"} for r in rows]
+    out = {"judge": results[0]["judge"], "prompt_version": results[0]["prompt_version"], "labels": labels,
+           "overall": [r["overall"] for r in results], "differences": {}}  # fmt: skip
+    for label, other in zip(labels[1:], scored[1:]):
+        shared = [k for k in scored[0] if k in other]
+        out["differences"][label] = {"n_paired": len(shared)} | {
+            m: paired_mean_difference([scored[0][k][m] for k in shared], [other[k][m] for k in shared], seed=seed)
+            for m in JUDGE_METRICS
+        }
+    return out
+
+
+def render_judge_comparison(judged: dict) -> str:
+    """The judge's table: per metric each run's mean (scored / judged) and its difference to the first run."""
+    if "error" in judged:
+        return f"\n## LLM judge\n\nNot compared: {judged['error']}.\n"
+    labels = judged["labels"]
+    head = ["judge score (1-5)", *labels] + [f"{lab} - {labels[0]} [95% CI] (n paired)" for lab in labels[1:]]
+    lines = [
+        f"\n## LLM judge\n\nJudge `{judged['judge']}`, rubric `{judged['prompt_version']}` "
+        "(perce_ds/evaluation/judge_prompts/); means over scored records (scored / judged in brackets); differences "
+        "over records scored in both runs, paired bootstrap 95% interval (2000 resamples, seeded).\n",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for metric in ("personalisation", "quality"):
+        cells = [metric]
+        for s in judged["overall"]:
+            mean = s[metric]["mean"]
+            cells.append(f"{'n/a' if mean is None else f'{mean:.2f}'} ({s['n_scored']}/{s['n_records']})")
+        for lab in labels[1:]:
+            d = judged["differences"][lab]
+            diff = d[metric]
+            cells.append(
+                "n/a" if not d["n_paired"] else
+                f"{diff['diff']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}] ({d['n_paired']})"
+            )  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _scores_of(model_dir: Path, cfg, records, examples, tokenizer, cache: Path, meta: dict):

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.name_or_path is None or ds_checkpoint or cfg.model.lora is not None:
         # Give the estimating model a folder the M-step can start from (and fingerprint); LoRA: merged.
         exported = out / "model"
-        merged = None if trainer.peft_model is None else lora.merged_state_dict(trainer.module.lm, trainer.is_rank0)
-        checkpoint.export_hf(trainer.module.lm, trainer.tokenizer, exported, trainer.is_rank0, "E-step model\n", merged)
+        lora.export_model(trainer.peft_model, trainer.module.lm, trainer.tokenizer, exported, trainer.is_rank0,
+                          "E-step model\n")  # fmt: skip
         cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer, cfg.model.lora = str(exported), None, None, None
     index = estep.estimate(trainer, out)
     if trainer.is_rank0:

@@ -8,6 +8,13 @@ Writes <run>/eval/ (or <run>/eval/<name>/ for other splits, --ablated, --tasks):
 --predict-only (a split without references, e.g. LaMP's test questions) writes no scores but the benchmark's
 submission files: predictions_LaMP_N.json ({"task", "golds": [{"id", "output"}]}), else predictions.jsonl.
 Under a launcher each rank generates a shard; rank 0 writes the files.
+
+Backends (same prompts, stops, decoding, files and resume; README "Evaluating at scale"):
+    --backend hf       in-process Hugging Face generate (default; sharded / ZeRO-3 under a launcher)
+    --backend vllm     offline vLLM on <run>/hf, one process, CUDA GPUs (--tensor-parallel-size N);
+                       needs `pip install -e '.[vllm]'`
+    --backend openai   any OpenAI-compatible server: --base-url http://HOST:PORT --served-model NAME
+                       [--api-key-env VAR] [--concurrency 8] [--request-timeout 600] [--max-retries 6]
 """
 
 from __future__ import annotations
@@ -58,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
     p.add_argument("--dist-timeout", type=int, default=1800, help="seconds before a stuck collective fails")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm", "openai"], help="what generates (default hf)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs to shard the model over")
+    p.add_argument("--base-url", help="openai: the server's base URL (http://HOST:PORT or .../v1)")
+    p.add_argument("--served-model", help="openai: the model name the server knows the model by")
+    p.add_argument(
+        "--api-key-env", help="openai: name of the environment variable holding the API key (its value is never logged)"
+    )
+    p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at once")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="openai: seconds per request")
+    p.add_argument("--max-retries", type=int, default=6, help="openai: retries (exponential backoff) per request")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
     return p
 
@@ -67,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from perce_ds.distributed import shutdown
     from perce_ds.evaluation.evaluate import EvalOptions, evaluate_run
     from perce_ds.evaluation.generation import GenerationSettings
+    from perce_ds.evaluation.generation_openai import ServerSpec
     from perce_ds.evaluation.metrics import get_preset
     from perce_ds.evaluation.runs import EvalInputError, load_run_config
     from perce_ds.logging_utils import setup_logging
@@ -86,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         run=args.run, split=args.split, tasks=args.tasks, data=args.data, ablated=args.ablated, model=args.model,
         checkpoint=args.checkpoint, zero3=args.zero3, name=args.name, overwrite=args.overwrite, limit=args.limit,
         generation=settings, seed=args.seed, dist_timeout_s=args.dist_timeout, predict_only=args.predict_only,
-        metrics_preset=preset.name,
+        metrics_preset=preset.name, backend=args.backend, tensor_parallel_size=args.tensor_parallel_size,
+        server=ServerSpec(
+            args.base_url or "", args.served_model or "", args.api_key_env, concurrency=args.concurrency,
+            timeout_s=args.request_timeout, max_retries=args.max_retries,
+        ) if args.backend == "openai" else None,
     )  # fmt: skip
     scores = evaluate_run(opts)
     if scores is not None and opts.predict_only:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from perce_ds.export_check import ExportCheckError, check_export, expected_state
+
 log = logging.getLogger("perce_ds")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "perce_state.json"  # our state beside DeepSpeed's files; written last, so it marks a complete checkpoint
@@ -206,25 +208,37 @@ def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Te
 
 def export_hf(
     lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, card: str,
-    state: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None, expected: tuple[dict[str, tuple[int, ...]], str] | None = None,
 ) -> None:  # fmt: skip
-    """Write a from_pretrained-loadable folder: model.safetensors, config, tokenizer, README.md. `state`: the
-    weights to write when they are not lm's own parameters (a LoRA model's merged weights, on rank 0)."""
+    """Write a from_pretrained-loadable folder: model.safetensors, config, tokenizer, README.md. `state` and
+    `expected`: the weights to write when they are not lm's own parameters (a LoRA model's merged weights, on
+    rank 0) and the tensors the folder must then hold (export_check.expected_state's form)."""
     from safetensors.torch import save_file
 
     state = _gathered_state_dict(lm, rank0) if state is None else state
+    error = None
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"}
         )
+        if not getattr(
+            lm.config, "architectures", None
+        ):  # set by save_pretrained, which this bypasses; loaders need it
+            lm.config.architectures = [type(lm).__name__]
         lm.config.save_pretrained(str(out_dir))
         if getattr(lm, "generation_config", None) is not None:
             lm.generation_config.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
         (out_dir / "README.md").write_text(card)
+        try:  # a bad export fails here, not in the evaluation job; raised after the barrier, so no rank hangs
+            check_export(out_dir, *(expected or expected_state(lm)), tokenizer_len=len(tokenizer))
+        except ExportCheckError as e:
+            error = e
     if dist.is_initialized():
         dist.barrier()
+    if error is not None:
+        raise error
 
 
 def model_card(run_name: str, settings: dict[str, Any], total_steps: int, world: int) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 
 from perce_ds.checkpoint import export_hf, gather_module_state
 from perce_ds.config import ConfigError, LoraConfig
+from perce_ds.export_check import expected_state
 
 log = logging.getLogger("perce_ds")
 ADAPTER = "default"  # peft's adapter name; one adapter per run
@@ -192,11 +193,24 @@ def save_adapter(peft_model: Any, out_dir: Path, rank0: bool) -> None:
         dist.barrier()
 
 
+def base_model_state(lm: nn.Module) -> tuple[dict[str, tuple[int, ...]], str]:
+    """export_check.expected_state of the model an adapted `lm` merges into: peft's names mapped back (a LoRA
+    layer's base_layer and a modules_to_save module's trained copy under the original's name), adapters left out."""
+
+    def base(name: str) -> str:
+        return name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
+
+    shapes, embedding = expected_state(lm)
+    kept = {base(n): s for n, s in shapes.items() if ".lora_" not in n and ".original_module." not in n}
+    return kept, base(embedding)
+
+
 def export_model(peft_model: Any, lm: nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, card: str) -> None:
     """The trained model as a Hugging Face folder (a collective): plain (`peft_model` None) as checkpoint.export_hf;
     adapted: the merged model in `out_dir` and the adapter alone beside it in `<out_dir>_adapter` (hf/ ->
     hf_adapter/; the keep-best export's hf_best.tmp/ -> hf_best_adapter/)."""
-    merged = None if peft_model is None else merged_state_dict(lm, rank0)
-    export_hf(lm, tokenizer, out_dir, rank0, card, merged)
-    if peft_model is not None:
-        save_adapter(peft_model, out_dir.with_name(out_dir.name.removesuffix(".tmp") + "_adapter"), rank0)
+    if peft_model is None:
+        export_hf(lm, tokenizer, out_dir, rank0, card)
+        return
+    export_hf(lm, tokenizer, out_dir, rank0, card, merged_state_dict(lm, rank0), base_model_state(lm))
+    save_adapter(peft_model, out_dir.with_name(out_dir.name.removesuffix(".tmp") + "_adapter"), rank0)

@@ -233,3 +233,28 @@ def make_eval_run(run_dir: Path, users: int = 4, eval_per_user: int = 2, seed: i
 def run_python(script: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`python script args` in one plain process (no launcher)."""
     return run_job([sys.executable, str(script), *args], timeout)
+
+
+SMOLLM2_DIR = ROOT / ".models" / "SmolLM2-135M-Instruct"
+
+
+def build_smollm2() -> Path:
+    """The SmolLM2-135M-Instruct folder (launch/setup_smollm2.py; built once, reused when complete)."""
+    check(run_job([sys.executable, ROOT / "launch" / "setup_smollm2.py", "--out", SMOLLM2_DIR], timeout=1200))
+    assert (SMOLLM2_DIR / ".complete").is_file()
+    return SMOLLM2_DIR
+
+
+def make_smollm2_run(run_dir: Path, model_dir: Path) -> Path:
+    """A run directory evaluating SmolLM2 itself (recipes/persona_smollm2.yaml's data; hf/ links to the model)."""
+    from perce_ds.config import RunConfig
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = [
+        f"model.name_or_path={model_dir}",
+        f"train.output_dir={run_dir.parent}",
+        f"train.run_name={run_dir.name}",
+    ]
+    RunConfig.load(ROOT / "recipes" / "persona_smollm2.yaml", overrides).dump(run_dir / "config.yaml")
+    (run_dir / "hf").symlink_to(model_dir.resolve(), target_is_directory=True)
+    return run_dir

@@ -76,7 +76,7 @@ def test_interrupted_generation_resumes_to_the_same_scores(model_and_items, tmp_
     settings = GenerationSettings(max_new_tokens=10, batch_size=3, max_new_tokens_per_task={"synthetic_persona": 8})
     straight = run_generation(lm, tok, items, settings, tmp_path / "straight.jsonl", progress=False)
 
-    real, calls = generation.generate_batch, {"n": 0}
+    real, calls = generation.generate_completions, {"n": 0}
 
     def dies_on_third_batch(*args, **kwargs):
         calls["n"] += 1
@@ -85,10 +85,10 @@ def test_interrupted_generation_resumes_to_the_same_scores(model_and_items, tmp_
         return real(*args, **kwargs)
 
     path = tmp_path / "resumed.jsonl"
-    monkeypatch.setattr(generation, "generate_batch", dies_on_third_batch)
+    monkeypatch.setattr(generation, "generate_completions", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         run_generation(lm, tok, items, settings, path, progress=False)
-    monkeypatch.setattr(generation, "generate_batch", real)
+    monkeypatch.setattr(generation, "generate_completions", real)
     partial = read_generations(path)
     assert 0 < len(partial) < len(items)
     with path.open("a") as f:

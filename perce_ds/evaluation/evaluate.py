@@ -6,6 +6,10 @@ meta.json (what the generations were made from, with a fingerprint), generations
 per_record.jsonl, scores.json, report.md and training_curves.png. With `predict_only` (a split without
 references, e.g. LaMP's test questions) nothing is scored: the generations are written in the benchmark's
 submission format instead (perce_ds/evaluation/predictions.py).
+
+`backend` picks what generates (generation.GenerationBackend): "hf" (default; in-process `generate`, under a
+launcher sharded or ZeRO-3), "vllm" (offline vLLM on the exported folder, one process, CUDA only) or "openai"
+(an OpenAI-compatible server, `server`). The prompts, stops, decoding, files and resume are the same for all.
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ from perce_ds.data.pipeline import prompt_settings, resolve_tokenizer
 from perce_ds.data.tokenizer import load_tokenizer
 from perce_ds.distributed import apply_slurm_env, init_process_group
 from perce_ds.evaluation import report, runs
-from perce_ds.evaluation.generation import GenerationSettings, read_generations, run_generation, texts_by_id
+from perce_ds.evaluation.generation import (
+    GenerationBackend,
+    GenerationSettings,
+    HFBackend,
+    read_generations,
+    run_generation,
+    texts_by_id,
+)
+from perce_ds.evaluation.generation_openai import ServerSpec
 from perce_ds.evaluation.metrics import DEFAULT_PRESET, ensure_wordnet
 from perce_ds.evaluation.predictions import write_predictions
 from perce_ds.model import resolve_dtype
@@ -51,6 +63,9 @@ class EvalOptions:
     dist_timeout_s: int = 1800
     predict_only: bool = False  # generate and write submission files; no references needed, no scores
     metrics_preset: str | None = None  # None: the run's eval.metrics_preset
+    backend: str = "hf"  # hf | vllm | openai
+    server: ServerSpec | None = None  # backend "openai"
+    tensor_parallel_size: int = 1  # backend "vllm"
 
     def output_name(self) -> str:
         if self.name is not None:
@@ -116,13 +131,20 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
     Call on every rank of the launcher's job (or in one plain process). Raises EvalInputError with a
     message saying what to do for a missing run/model/split or a generations file that does not match.
     """
+    check_backend_options(opts)
     rank, world = init_dist(opts.dist_timeout_s, opts.zero3)
+    if opts.backend == "vllm":
+        from perce_ds.evaluation.generation_vllm import check_vllm_usable
+
+        check_vllm_usable(world)
     run_dir = Path(opts.run)
     cfg = runs.load_run_config(run_dir)
     if not opts.predict_only:
         ensure_wordnet()  # fail before generating for an hour, not after
     if opts.checkpoint:
         model_dir, model_id = None, f"checkpoint:{Path(opts.checkpoint).resolve()}"
+    elif opts.backend == "openai":  # the weights are the server's; the tokenizer (prompts) is the run's
+        model_dir, model_id = runs.tokenizer_dir(run_dir, opts.model), f"openai:{opts.server.model}"
     else:
         model_dir = runs.resolve_model_dir(run_dir, opts.model)
         model_id = runs.model_identity(model_dir)
@@ -139,9 +161,11 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
         "model": str(model_dir or opts.checkpoint), "model_id": model_id, "generation": opts.generation.to_dict(),
         "n_records": len(records), "prompts_with_lifted_length_budget": relaxed, "seed": opts.seed,
         "data": list(opts.data), "world_size": world, "zero3": opts.zero3, "predict_only": opts.predict_only,
-        "metrics_preset": opts.metrics_preset or cfg.eval.metrics_preset,
+        "metrics_preset": opts.metrics_preset or cfg.eval.metrics_preset, "backend": backend_identity(opts),
     }  # fmt: skip
     fp_extra = {k: meta[k] for k in ("model_id", "generation")}
+    if opts.backend != "hf":  # hf keeps its earlier fingerprint, so evaluations made before backends still resume
+        fp_extra["backend"] = meta["backend"]
     meta["fingerprint"] = runs.data_fingerprint(records, opts.ablated, fp_extra)
     error = None
     if rank == 0:
@@ -151,6 +175,53 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
             (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     _agree(error)
 
+    backend, keepalive = make_backend(opts, cfg, model_dir, tokenizer)
+    rows = run_generation(None, tokenizer, items, opts.generation, out_dir / "generations.jsonl", backend=backend)
+    del keepalive
+    if rank != 0:
+        return None
+    if opts.predict_only:
+        return write_predictions(out_dir, records, texts_by_id(rows.values()))
+    references = {r.record_id: (r.task, r.response) for r in records}
+    per_record = report.score_generations(references, texts_by_id(rows.values()), meta["metrics_preset"], rows)
+    scores = report.write_eval_outputs(out_dir, per_record, meta)
+    report.plot_training_curves([run_dir], [run_dir.name], out_dir / "training_curves.png")
+    return scores
+
+
+def check_backend_options(opts: EvalOptions) -> None:
+    """Refuse option combinations a backend cannot honour (one line each, before anything is loaded)."""
+    if opts.backend not in ("hf", "vllm", "openai"):
+        raise runs.EvalInputError(f"--backend {opts.backend!r}: expected hf, vllm or openai")
+    if opts.backend != "hf" and (opts.zero3 or opts.checkpoint):
+        raise runs.EvalInputError(
+            f"--backend {opts.backend} generates from an exported Hugging Face folder: --zero3 and --checkpoint are "
+            "hf-backend options (export the checkpoint with launch/convert_checkpoint.py first)"
+        )
+    if opts.backend == "openai" and (opts.server is None or not opts.server.base_url or not opts.server.model):
+        raise runs.EvalInputError("--backend openai needs --base-url URL and --served-model NAME")
+
+
+def backend_identity(opts: EvalOptions) -> dict[str, Any]:
+    """What meta.json records of the backend (never the API key)."""
+    if opts.backend == "openai":
+        return {**opts.server.identity(), "base_url": opts.server.base_url, "api_key_env": opts.server.api_key_env}
+    if opts.backend == "vllm":
+        return {"name": "vllm", "tensor_parallel_size": opts.tensor_parallel_size}
+    return {"name": "hf", "zero3": opts.zero3}
+
+
+def make_backend(opts: EvalOptions, cfg: Any, model_dir: Path | None, tokenizer: Any) -> tuple[GenerationBackend, Any]:
+    """(the backend that generates, anything that must stay referenced while it does)."""
+    if opts.backend == "openai":
+        from perce_ds.evaluation.generation_openai import OpenAIBackend
+
+        return OpenAIBackend(opts.server, tokenizer), None
+    if opts.backend == "vllm":
+        from perce_ds.evaluation.generation_vllm import VLLMBackend
+
+        dtype = str(resolve_dtype(cfg.model.dtype)).removeprefix("torch.")  # "bfloat16": vLLM's spelling
+        return VLLMBackend(model_dir, tokenizer, dtype, opts.tensor_parallel_size), None
     dtype = resolve_dtype(cfg.model.dtype)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     keepalive: Any = None
@@ -160,14 +231,4 @@ def evaluate_run(opts: EvalOptions) -> dict[str, Any] | None:
         lm, keepalive = runs.load_zero3_model(model_dir, dtype)
     else:
         lm = runs.load_plain_model(model_dir, dtype, device)
-    rows = run_generation(lm, tokenizer, items, opts.generation, out_dir / "generations.jsonl", synced_gpus=opts.zero3)
-    del keepalive
-    if rank != 0:
-        return None
-    if opts.predict_only:
-        return write_predictions(out_dir, records, texts_by_id(rows.values()))
-    references = {r.record_id: (r.task, r.response) for r in records}
-    per_record = report.score_generations(references, texts_by_id(rows.values()), meta["metrics_preset"])
-    scores = report.write_eval_outputs(out_dir, per_record, meta)
-    report.plot_training_curves([run_dir], [run_dir.name], out_dir / "training_curves.png")
-    return scores
+    return HFBackend(lm, tokenizer, synced_gpus=opts.zero3), keepalive

@@ -7,16 +7,23 @@ repeated batch whose outputs are discarded) so all ranks call `generate` the sam
 — required under ZeRO-3, where every forward is a collective and `synced_gpus=True` keeps ranks
 that finish early stepping until all are done. After each round the texts are gathered to rank 0,
 which appends them to the file and flushes, so a killed evaluation loses at most one round.
+
+What produces the tokens is a backend (`GenerationBackend`): Hugging Face `generate` in this process
+(`HFBackend`, the default), offline vLLM (generation_vllm.py) or any OpenAI-compatible server
+(generation_openai.py). Prompts, the stop on the end-of-turn id, decoding settings, the output rows and
+resume are this module's, whatever the backend. A backend that does not pad prompts together
+(`pads_batches=False`) is asked only for the records not yet answered, and each answer is appended as
+it arrives (one process), so a killed evaluation re-asks nothing it had an answer for.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -53,6 +60,48 @@ class GenItem:
     record_id: str
     task: str
     prompt_ids: list[int]
+
+
+FINISH_REASONS = ("stop", "length")  # stopped on EOS / end-of-turn; ran into max_new_tokens
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer: its text (stop token excluded, stripped), how many tokens were generated before the
+    stop (the stop token not counted), and why generation ended: "stop" (EOS / end-of-turn) or "length"."""
+
+    text: str
+    n_generated_tokens: int
+    finish_reason: str
+
+
+class GenerationBackend(Protocol):
+    """What generates: yields (position in `prompts`, Completion) for every prompt, in any order.
+
+    `synced`: every rank must call `complete` together (ZeRO-3 generate). `pads_batches`: prompts of a batch
+    are padded together, so a resumed batch must be sent whole for identical greedy outputs; otherwise only
+    unanswered prompts are sent.
+    """
+
+    name: str
+    synced: bool
+    pads_batches: bool
+
+    def complete(
+        self, prompts: list[list[int]], max_new_tokens: int, settings: GenerationSettings, seed: int
+    ) -> Iterator[tuple[int, Completion]]: ...
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids generation stops on: EOS and the chat template's end-of-turn id."""
+    return sorted({tokenizer.eos_token_id, end_of_turn_id(tokenizer)})
+
+
+def completion_from_ids(ids: list[int], stop_ids: list[int], tokenizer: Any) -> Completion:
+    """Cut generated `ids` before the first stop id and decode; "stop" when one was there, else "length"."""
+    ends = [i for i, t in enumerate(ids) if t in stop_ids]
+    kept = ids[: ends[0]] if ends else ids
+    return Completion(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), "stop" if ends else "length")
 
 
 def read_generations(path: Path) -> dict[str, dict[str, Any]]:
@@ -117,7 +166,7 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
 
 
 @torch.no_grad()
-def generate_batch(
+def generate_completions(
     lm: Any,
     tokenizer: Any,
     prompts: list[list[int]],
@@ -125,15 +174,15 @@ def generate_batch(
     settings: GenerationSettings,
     synced_gpus: bool = False,
     seed: int | None = None,
-) -> list[str]:
-    """Decode continuations of left-padded `prompts`; each text stops before the first EOS or end-of-turn
-    id (what the chat template closes an assistant turn with, which the model was trained to emit).
+) -> list[Completion]:
+    """Decode continuations of left-padded `prompts`; each stops before the first EOS or end-of-turn id
+    (what the chat template closes an assistant turn with, which the model was trained to emit).
 
     With `synced_gpus=True` (ZeRO-3 over several ranks) every rank must call this together.
     """
     device = next(lm.parameters()).device
     ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
-    stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_id(tokenizer)})
+    stop_ids = stop_token_ids(tokenizer)
     kwargs: dict[str, Any] = {"do_sample": settings.do_sample}
     if settings.do_sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
@@ -151,12 +200,37 @@ def generate_batch(
         use_cache=True,
         **kwargs,
     )
-    texts = []
-    for row in out[:, ids.shape[1] :].tolist():
-        ends = [i for i, t in enumerate(row) if t in stop_ids]
-        row = row[: ends[0]] if ends else row
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
+    return [completion_from_ids(row, stop_ids, tokenizer) for row in out[:, ids.shape[1] :].tolist()]
+
+
+def generate_batch(
+    lm: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    settings: GenerationSettings,
+    synced_gpus: bool = False,
+    seed: int | None = None,
+) -> list[str]:
+    """The texts of generate_completions."""
+    return [c.text for c in generate_completions(lm, tokenizer, prompts, max_new_tokens, settings, synced_gpus, seed)]
+
+
+class HFBackend:
+    """Hugging Face `generate` in this process (plain, or ZeRO-3 sharded with synced_gpus)."""
+
+    name = "hf"
+    pads_batches = True
+
+    def __init__(self, lm: Any, tokenizer: Any, synced_gpus: bool = False) -> None:
+        self.lm, self.tokenizer, self.synced = lm, tokenizer, synced_gpus
+
+    def complete(
+        self, prompts: list[list[int]], max_new_tokens: int, settings: GenerationSettings, seed: int
+    ) -> Iterator[tuple[int, Completion]]:
+        self.lm.eval()
+        done = generate_completions(self.lm, self.tokenizer, prompts, max_new_tokens, settings, self.synced, seed)
+        yield from enumerate(done)
 
 
 def _broadcast(obj: Any) -> Any:
@@ -176,15 +250,19 @@ def run_generation(
     synced_gpus: bool = False,
     extra_fields: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
+    backend: GenerationBackend | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Generate every item not already in `out_path`; return record_id -> row for all items (every rank).
 
-    Call on every rank with the same `items`. Rank 0 owns the file: it reads the finished ids
-    (broadcast to all), appends one JSON row per item ({"record_id", "task", "generation",
-    "max_new_tokens", **extra_fields[record_id]}) after each round, and flushes.
+    Call on every rank with the same `items`. `backend` (default: HFBackend(lm, tokenizer, synced_gpus))
+    produces the completions. Rank 0 owns the file: it reads the finished ids (broadcast to all), appends one
+    JSON row per item ({"record_id", "task", "generation", "n_generated_tokens", "finish_reason",
+    "max_new_tokens", **extra_fields[record_id]}) and flushes: as each answer arrives in one process, after
+    each round (gathered from every rank) under a launcher.
     """
     from tqdm import tqdm
 
+    backend = backend or HFBackend(lm, tokenizer, synced_gpus)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     done = _broadcast(read_generations(out_path) if rank == 0 else None)
@@ -195,46 +273,56 @@ def run_generation(
         _repair_tail(out_path)
         if done:
             log.info("%s: %d of %d already generated; resuming", out_path, len(items) - len(todo), len(items))
-    lm.eval()
-    rounds = tqdm(range(len(plan[rank]) if plan else 0), disable=rank != 0 or not progress, desc="generate")
-    for r in rounds:
+    bar = tqdm(total=len(todo), disable=rank != 0 or not progress, desc=f"generate ({backend.name})")
+    for r in range(len(plan[rank]) if plan else 0):
         batch = plan[rank][r]
         filler = batch is None
         if filler:  # keep this rank stepping with the others; results discarded
             batch = [items.index(todo[0])]
         chosen = [items[i] for i in batch]
-        if filler and not synced_gpus:
-            texts = []  # plain data parallel: nothing to keep in step with
-        else:
-            texts = generate_batch(
-                lm, tokenizer, [it.prompt_ids for it in chosen], settings.tokens_for(chosen[0].task),
-                settings, synced_gpus, seed=settings.seed + batch[0],
-            )  # fmt: skip
-        rows = (
-            []
-            if filler
-            else [_row(it, text, settings, extra_fields) for it, text in zip(chosen, texts) if it.record_id not in done]
-        )
-        gathered: list[Any] = [rows]
+        if not backend.pads_batches:  # each prompt stands alone: ask only for what is missing
+            chosen = [it for it in chosen if it.record_id not in done] or chosen[:1]
+        rows: list[dict[str, Any]] = []
+        if not filler or backend.synced:  # plain data parallel: a filler has nothing to keep in step with
+            prompts = [it.prompt_ids for it in chosen]
+            answers = backend.complete(prompts, settings.tokens_for(chosen[0].task), settings, settings.seed + batch[0])
+            for pos, completion in answers:
+                item = chosen[pos]
+                if filler or item.record_id in done:
+                    continue
+                row = _row(item, completion, settings, extra_fields)
+                if world == 1:  # append as it arrives: a kill loses nothing answered
+                    _append(out_path, [[row]], done)
+                    bar.update(1)
+                else:
+                    rows.append(row)
         if world > 1:
-            gathered = [None] * world
+            gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, rows)
-        if rank == 0:
-            with out_path.open("a", encoding="utf-8") as f:
-                for part in gathered:
-                    for row in part:
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        done[row["record_id"]] = row
-                f.flush()
+            if rank == 0:
+                _append(out_path, gathered, done)
+                bar.update(sum(len(part) for part in gathered))
+    bar.close()
     if world > 1:
         done = _broadcast(done if rank == 0 else None)
     return {it.record_id: done[it.record_id] for it in items if it.record_id in done}
 
 
+def _append(out_path: Path, parts: list[list[dict[str, Any]]], done: dict[str, dict[str, Any]]) -> None:
+    with out_path.open("a", encoding="utf-8") as f:
+        for part in parts:
+            for row in part:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[row["record_id"]] = row
+        f.flush()
+
+
 def _row(
-    item: GenItem, text: str, settings: GenerationSettings, extra: dict[str, dict[str, Any]] | None
+    item: GenItem, completion: Completion, settings: GenerationSettings, extra: dict[str, dict[str, Any]] | None
 ) -> dict[str, Any]:
-    row = {"record_id": item.record_id, "task": item.task, "generation": text}
+    row = {"record_id": item.record_id, "task": item.task, "generation": completion.text}
+    row["n_generated_tokens"] = completion.n_generated_tokens
+    row["finish_reason"] = completion.finish_reason
     row["max_new_tokens"] = settings.tokens_for(item.task)
     if extra and item.record_id in extra:
         row.update(extra[item.record_id])

@@ -38,23 +38,49 @@ CURVE_KEYS = (
 
 
 def score_generations(
-    references: dict[str, tuple[str, str]], generations: dict[str, str], preset: str = DEFAULT_PRESET
+    references: dict[str, tuple[str, str]],
+    generations: dict[str, str],
+    preset: str = DEFAULT_PRESET,
+    generation_rows: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-record scores for every reference (record_id -> (task, text)); a missing generation scores 0."""
+    """Per-record scores for every reference (record_id -> (task, text)); a missing generation scores 0.
+    With `generation_rows` (generations.jsonl rows by record_id) each row also carries the generation's
+    `n_generated_tokens` and `finish_reason` (None for a missing one, or one written before they were recorded)."""
     rows = []
     for rid, (task, reference) in references.items():
         missing = rid not in generations
         scores = score_record(None if missing else generations[rid], reference, preset)
-        rows.append({"record_id": rid, "task": task, **scores, "missing": float(missing)})
+        row = {"record_id": rid, "task": task, **scores, "missing": float(missing)}
+        if generation_rows is not None:
+            gen = generation_rows.get(rid, {})
+            row.update({k: gen.get(k) for k in ("n_generated_tokens", "finish_reason")})
+        rows.append(row)
     return rows
 
 
-def summarise_by_task(per_record: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
-    """{"overall": summary, "by_task": {task: summary}} (see metrics.summarise)."""
-    tasks = sorted({r["task"] for r in per_record})
+def generation_stats(per_record: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean generated length (tokens, stop token excluded) and end-of-turn rate (share of generations that
+    stopped on EOS / the end-of-turn id rather than at max_new_tokens), over the records that record them."""
+    known = [r for r in per_record if r.get("finish_reason") is not None]
+    n = len(known)
     return {
-        "overall": summarise(per_record, seed),
-        "by_task": {t: summarise([r for r in per_record if r["task"] == t], seed) for t in tasks},
+        "n": n,
+        "mean_generated_tokens": sum(r["n_generated_tokens"] for r in known) / n if n else None,
+        "end_of_turn_rate": sum(r["finish_reason"] == "stop" for r in known) / n if n else None,
+    }
+
+
+def summarise_by_task(per_record: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """{"overall": summary, "by_task": {task: summary}} (see metrics.summarise), each with its "generation"
+    statistics (generation_stats)."""
+    tasks = sorted({r["task"] for r in per_record})
+
+    def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**summarise(rows, seed), "generation": generation_stats(rows)}
+
+    return {
+        "overall": summary(per_record),
+        "by_task": {t: summary([r for r in per_record if r["task"] == t]) for t in tasks},
     }
 
 
@@ -94,15 +120,23 @@ def render_report(scores: dict[str, Any]) -> str:
         f"{'on' if meta.get('rouge_stemming', True) else 'off'}, mean over records (no bootstrap resampling of the "
         f"mean). METEOR: NLTK (WordNet 3.0) over `{meta.get('meteor_tokens', 'words_punct')}` tokens. Empty or "
         "missing generations score 0 and are counted. "
-        f"Brackets: seeded (seed {meta.get('seed', 0)}) percentile bootstrap 95% interval of the mean.",
+        f"Brackets: seeded (seed {meta.get('seed', 0)}) percentile bootstrap 95% interval of the mean. "
+        "Tokens: mean generated length (stop token excluded); end of turn: % of generations that stopped on "
+        "EOS / the end-of-turn id rather than at max_new_tokens.",
         "",
-        "| task | n | empty | missing | think stripped | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |",
-        "|---|---|---|---|---|" + "---|" * len(METRICS),
-    ]
+        f"Backend: `{json.dumps(meta.get('backend', {'name': 'hf'}))}`.",
+        "",
+        "| task | n | empty | missing | think stripped | tokens | end of turn | "
+        + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(METRICS),
+    ]  # fmt: skip
     for name, s in [("all", scores["overall"]), *scores["by_task"].items()]:
         cells = [f"{_fmt(s[m]['mean'])} [{_fmt(s[m]['ci_low'])}, {_fmt(s[m]['ci_high'])}]" for m in METRICS]
+        gen = s.get("generation", {})
+        tokens = f"{gen['mean_generated_tokens']:.1f}" if gen.get("n") else "n/a"
         lines.append(f"| {name} | {s['n_records']} | {s['n_empty']} | {s['n_missing']} | "
-                     f"{s.get('n_think_stripped', 0)} | " + " | ".join(cells) + " |")  # fmt: skip
+                     f"{s.get('n_think_stripped', 0)} | {tokens} | {_fmt(gen.get('end_of_turn_rate'))} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -149,6 +149,17 @@ def resolve_model_dir(run_dir: Path, model: str | None) -> Path:
     return path
 
 
+def tokenizer_dir(run_dir: Path, model: str | None) -> Path | None:
+    """Where a model served elsewhere takes its tokenizer from: --model, else <run>/hf; None when neither has one
+    (the run's own tokenizer then). A --model without a tokenizer is an error, not silently replaced."""
+    if model:
+        if not (Path(model) / "tokenizer_config.json").is_file():
+            raise EvalInputError(f"--model {model}: no tokenizer_config.json there (the prompts need its tokenizer)")
+        return Path(model)
+    path = run_dir / "hf"
+    return path if (path / "tokenizer_config.json").is_file() else None
+
+
 def load_plain_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> Any:
     """The full model on one device (plain data-parallel evaluation)."""
     from transformers import AutoModelForCausalLM
