@@ -2,10 +2,12 @@
 
     deepspeed launch/estimate.py --deepspeed ds_configs/zero3.json --recipe R.yaml --out DIR [--model M] [--key value ...]
 
---model is an HF folder, a perce_ds checkpoint (runs/X/checkpoints/step_N), or omitted for the
-recipe's own model. When the estimating model is not already an HF folder (built from a config, or
-a DeepSpeed checkpoint), it is exported to DIR/model first, and the M-step must start from that
-folder: `launch/train.py ... --model.name_or_path DIR/model --model.config null --loss.weights_from DIR`.
+--model is an HF folder, a perce_ds checkpoint (runs/X/checkpoints/step_N), a LoRA adapter folder
+(runs/X/hf_adapter: scored as its base model + the adapter), or omitted for the recipe's own model. A
+checkpoint of a LoRA run needs that run's recipe (its model.lora): the checkpoint holds the adapter only.
+When the estimating model is not already an HF folder (built from a config, a DeepSpeed checkpoint, or a
+base model with an adapter), it is exported (merged) to DIR/model first, and the M-step must start from
+that folder: `launch/train.py ... --model.name_or_path DIR/model --model.config null --loss.weights_from DIR`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1)
     args, rest = parser.parse_known_args(argv)
 
-    from perce_ds import checkpoint, estep
+    from perce_ds import checkpoint, estep, lora
     from perce_ds.config import RunConfig
     from perce_ds.distributed import shutdown
     from perce_ds.engine import Trainer
@@ -36,21 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(rest)
     model = Path(args.model) if args.model else None
     ds_checkpoint = model is not None and checkpoint.is_checkpoint(model)
-    if model is not None and not ds_checkpoint:
-        overrides += [f"model.name_or_path={model}", "model.config=null"]
+    adapter = model is not None and (model / lora.ADAPTER_CONFIG).is_file()
+    if adapter:
+        overrides += lora.adapter_settings(model)
+    elif model is not None and not ds_checkpoint:
+        overrides += [f"model.name_or_path={model}", "model.config=null", "model.lora=null"]
     cfg = RunConfig.load(args.recipe, overrides)
     trainer = Trainer(cfg, args.deepspeed, inference_only=True)
     out = Path(args.out)
     if ds_checkpoint:
-        trainer.engine.load_checkpoint(
-            str(model.parent), tag=model.name, load_module_only=True,
-            load_optimizer_states=False, load_lr_scheduler_states=False,
-        )  # fmt: skip
-    if cfg.model.name_or_path is None or ds_checkpoint:
-        # Give the estimating model a folder the M-step can start from (and fingerprint).
+        checkpoint.load_lm_weights(trainer.module.lm, model)
+    if cfg.model.name_or_path is None or ds_checkpoint or cfg.model.lora is not None:
+        # Give the estimating model a folder the M-step can start from (and fingerprint); LoRA: merged.
         exported = out / "model"
-        checkpoint.export_hf(trainer.module.lm, trainer.tokenizer, exported, trainer.is_rank0, "E-step model\n")
-        cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer = str(exported), None, None
+        lora.export_model(trainer.peft_model, trainer.module.lm, trainer.tokenizer, exported, trainer.is_rank0,
+                          "E-step model\n")  # fmt: skip
+        cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer, cfg.model.lora = str(exported), None, None, None
     index = estep.estimate(trainer, out)
     if trainer.is_rank0:
         print(f"E-step: {index['records']} records -> {out} (fingerprint {index['fingerprint']})")

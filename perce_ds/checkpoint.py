@@ -83,8 +83,15 @@ def params_are_finite(module: torch.nn.Module) -> bool:
     return bool(flag.item())
 
 
+def has_frozen_parameters(module: torch.nn.Module) -> bool:
+    """True for a model that trains only part of its weights (LoRA): its checkpoints leave the frozen ones out,
+    which come back from the base model (model.name_or_path) when a run resumes."""
+    return any(not p.requires_grad for p in module.parameters())
+
+
 def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write step_N atomically (tmp dir + rename), then prune to the newest `keep_last`."""
+    """Write step_N atomically (tmp dir + rename), then prune to the newest `keep_last`; frozen parameters are
+    left out (has_frozen_parameters)."""
     if not params_are_finite(engine.module):
         raise RuntimeError(f"refusing to write a checkpoint at step {step}: the model has non-finite parameters")
     rank0 = engine.global_rank == 0
@@ -93,7 +100,9 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, state: dict[str, An
     if rank0 and (ckpt_root / tmp_tag).exists():
         shutil.rmtree(ckpt_root / tmp_tag)  # debris of an earlier kill
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, save_latest=False)  # our state: STATE_FILE
+    engine.save_checkpoint(  # our state: STATE_FILE
+        str(ckpt_root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=has_frozen_parameters(engine.module)
+    )
     dist.barrier()
     if rank0:
         write_state(ckpt_root / tmp_tag, state)
@@ -112,8 +121,10 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler; return the perce state saved with it."""
-    load_path, _client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    """Restore model, optimizer, scheduler; return the perce state saved with it. A model with frozen parameters
+    (LoRA) finds only its trainable ones in the checkpoint: the frozen ones are the base model's."""
+    strict = not has_frozen_parameters(engine.module)
+    load_path, _client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=strict)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
     return read_state(path)
@@ -152,34 +163,65 @@ def consolidated_lm_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(LM_PREFIX): v for k, v in state.items()}
 
 
-def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:
-    """Full parameters and buffers on rank 0's CPU, gathered one module at a time."""
+def load_lm_weights(lm: torch.nn.Module, path: Path) -> None:
+    """Copy a checkpoint's consolidated fp32 weights into `lm`'s (ZeRO-3 partitioned) parameters, written on any
+    number of ranks (a collective); frozen parameters may be absent (has_frozen_parameters). DeepSpeed's
+    load_module_only would look for a `latest` file, which our atomic checkpoints do not write."""
     import deepspeed
 
-    state: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for mod_name, module in lm.named_modules():
-        params = list(module.named_parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-            if rank0:
-                for name, p in params:
-                    key = f"{mod_name}.{name}" if mod_name else name
-                    if id(p) in seen:  # a tied weight: stored once, re-tied by from_pretrained
-                        continue
-                    seen[id(p)] = key
-                    state[key] = p.detach().cpu().clone()
+    state = consolidated_lm_weights(path)
+    params = dict(lm.named_parameters(remove_duplicate=False))  # tied weights: under both names, as DeepSpeed saves
+    unexpected = sorted(set(state) - set(params))
+    missing = sorted(n for n, p in params.items() if n not in state and p.requires_grad)
+    if unexpected or missing:
+        raise RuntimeError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    for name, p in params.items():
+        if name in state:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                if rank0:
+                    p.copy_(state[name].to(p.dtype))
+
+
+def gather_module_state(
+    module: torch.nn.Module, prefix: str, rank0: bool, state: dict[str, torch.Tensor], seen: set[int]
+) -> None:
+    """Add `module`'s own parameters (gathered under ZeRO-3; a collective) and persistent buffers to `state` on
+    rank 0's CPU, named `<prefix>.<name>`; a weight already in `seen` (tied) is stored once."""
+    import deepspeed
+
+    params = list(module.named_parameters(recurse=False))
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
         if rank0:
-            for name, buf in module.named_buffers(recurse=False):
-                if name not in module._non_persistent_buffers_set:
-                    state[f"{mod_name}.{name}" if mod_name else name] = buf.detach().cpu().clone()
+            for name, p in params:
+                if id(p) not in seen:  # a tied weight: stored once, re-tied by from_pretrained
+                    seen.add(id(p))
+                    state[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
+    if rank0:
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                state[f"{prefix}.{name}" if prefix else name] = buf.detach().cpu().clone()
+
+
+def _gathered_state_dict(lm: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:
+    """Full parameters and buffers on rank 0's CPU, gathered one module at a time."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, module in lm.named_modules():
+        gather_module_state(module, name, rank0, state, seen)
     return state
 
 
-def export_hf(lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, card: str) -> None:
-    """Write a from_pretrained-loadable folder: model.safetensors, config, tokenizer, README.md."""
+def export_hf(
+    lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, card: str,
+    state: dict[str, torch.Tensor] | None = None, expected: tuple[dict[str, tuple[int, ...]], str] | None = None,
+) -> None:  # fmt: skip
+    """Write a from_pretrained-loadable folder: model.safetensors, config, tokenizer, README.md. `state` and
+    `expected`: the weights to write when they are not lm's own parameters (a LoRA model's merged weights, on
+    rank 0) and the tensors the folder must then hold (export_check.expected_state's form)."""
     from safetensors.torch import save_file
 
-    state = _gathered_state_dict(lm, rank0)
+    state = _gathered_state_dict(lm, rank0) if state is None else state
     error = None
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +238,7 @@ def export_hf(lm: torch.nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, c
         tokenizer.save_pretrained(str(out_dir))
         (out_dir / "README.md").write_text(card)
         try:  # a bad export fails here, not in the evaluation job; raised after the barrier, so no rank hangs
-            check_export(out_dir, *expected_state(lm), tokenizer_len=len(tokenizer))
+            check_export(out_dir, *(expected or expected_state(lm)), tokenizer_len=len(tokenizer))
         except ExportCheckError as e:
             error = e
     if dist.is_initialized():

@@ -25,6 +25,31 @@ class ConfigError(UserError, ValueError):
     """A recipe or override that cannot be used; the message names the key."""
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # llama/qwen/mistral
+
+
+@dataclass
+class LoraConfig:
+    """model.lora: train low-rank adapters (peft) on the frozen model instead of all its weights."""
+
+    r: int = 16
+    alpha: float = 32.0  # peft's lora_alpha: the update is (alpha / r) B A
+    # 0 by default: adapter dropout in the PerCE passes would make each token's PIR noisy
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module names (suffixes)
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained in full (e.g. lm_head)
+    adapter: str | None = None  # a peft adapter folder (a run's hf_adapter/) to start from instead of B = 0
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(
+                f"model.lora needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={self.r}, alpha={self.alpha}, "
+                f"dropout={self.dropout})"
+            )
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules is empty: name the modules to adapt (e.g. q_proj, v_proj)")
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None  # HF folder or hub id of a pretrained causal LM
@@ -34,6 +59,7 @@ class ModelConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     activation_checkpointing: bool = True
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a bf16 GPU, else fp32
+    lora: LoraConfig | None = None  # None: full fine-tuning
 
 
 @dataclass
@@ -257,6 +283,11 @@ class RunConfig:
             )
         if (self.model.name_or_path is None) == (self.model.config is None):
             raise ConfigError("set exactly one of model.name_or_path (pretrained) and model.config (from scratch)")
+        if self.model.lora is not None and self.model.name_or_path is None:
+            raise ConfigError(
+                "model.lora adapts a pretrained model (checkpoints hold the adapters only): set model.name_or_path, "
+                "or remove model.lora to train from scratch"
+            )
         if self.model.config is not None and "model_type" not in self.model.config:
             raise ConfigError("model.config needs a 'model_type' (e.g. qwen3, llama)")
         if self.data.source == "files" and not self.data.synthetic.enabled and not self.data.train_files:

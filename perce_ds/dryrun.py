@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from perce_ds.config import RunConfig
+from perce_ds.config import LoraConfig, RunConfig
 from perce_ds.data.pipeline import prepare_data
 from perce_ds.ds_config import load_ds_config, resolve_ds_config
 from perce_ds.model import resolve_dtype
@@ -36,15 +36,36 @@ def _architecture(cfg: RunConfig, tokenizer: Any) -> Any | None:
         return None
 
 
-def count_parameters(arch: Any) -> tuple[int, int]:
-    """(total parameters, parameters of the largest single module) without allocating weights."""
+def count_parameters(arch: Any, lora_cfg: LoraConfig | None = None) -> tuple[int, int, int]:
+    """(total parameters, parameters of the largest single module, trainable parameters) without allocating
+    weights; with `lora_cfg` the adapters are added (on the meta device too) and only they are trainable."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(arch)
+        if lora_cfg is not None:
+            from perce_ds.lora import add_adapters
+
+            add_adapters(model, lora_cfg)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return total, largest
+    return total, largest, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_model_states_mem(
+    frozen: int, trainable: int, largest: int, gpus_per_node: int, nodes: int, offload_opt: bool, offload_params: bool
+) -> tuple[int, int]:
+    """(CPU bytes per node, GPU bytes) of ZeRO-3 model states when only `trainable` parameters train: DeepSpeed's
+    estimate_zero3_model_states_mem_needs (zero_init, buffer factor 1.5) with its 18 bytes per parameter (16-bit
+    weight and gradient, fp32 master weight, Adam's two moments) kept for the trainable ones and 2 bytes (the
+    16-bit weight alone: no gradient, no optimizer state) for the frozen ones."""
+    gpus, buffer = gpus_per_node * nodes, 1.5
+    gathered = 4 * largest
+    if offload_opt and offload_params:
+        return int((2 * frozen + 18 * trainable) / nodes * buffer), gathered
+    if offload_opt:
+        return int(16 * trainable / nodes * buffer), gathered + int(2 * (frozen + trainable) / gpus)
+    return int(largest * 4 * gpus_per_node * buffer), gathered + int((2 * frozen + 18 * trainable) / gpus)
 
 
 def dry_run(cfg: RunConfig, ds_config_path: str | Path, world_size: int, gpus_per_node: int) -> dict[str, Any]:
@@ -80,17 +101,22 @@ def dry_run(cfg: RunConfig, ds_config_path: str | Path, world_size: int, gpus_pe
     if arch is not None:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-        total, largest = count_parameters(arch)
+        total, largest, trainable = count_parameters(arch, cfg.model.lora)
         nodes = max(1, world_size // gpus_per_node)
         per_gpu = {}
         for name, off_opt, off_par in (("no_offload", False, False), ("offload_opt", True, False),
                                        ("offload_opt_params", True, True)):  # fmt: skip
-            cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-                total, largest, num_gpus_per_node=min(gpus_per_node, world_size), num_nodes=nodes,
-                cpu_offload=off_opt, cpu_offload_params=off_par, zero_init=True,
-            )  # fmt: skip
+            if cfg.model.lora is not None:
+                cpu, gpu = lora_model_states_mem(total - trainable, trainable, largest,
+                                                 min(gpus_per_node, world_size), nodes, off_opt, off_par)  # fmt: skip
+            else:
+                cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+                    total, largest, num_gpus_per_node=min(gpus_per_node, world_size), num_nodes=nodes,
+                    cpu_offload=off_opt, cpu_offload_params=off_par, zero_init=True,
+                )  # fmt: skip
             per_gpu[name] = {"gpu_GiB": round(gpu / GiB, 2), "cpu_per_node_GiB": round(cpu / GiB, 2)}
         report["parameters"] = total
+        report["trainable_parameters"] = trainable
         report["largest_module_parameters"] = largest
         report["zero3_model_states_memory"] = per_gpu
     return report
@@ -105,6 +131,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{'tokens per step, ' + kind:<44}{n:,}")
     if "parameters" in report:
         lines.append(f"{'parameters':<44}{report['parameters'] / 1e9:.3f} B")
+        if report["trainable_parameters"] != report["parameters"]:
+            lines.append(f"{'trainable parameters (LoRA)':<44}{report['trainable_parameters'] / 1e6:.2f} M")
         for name, mem in report["zero3_model_states_memory"].items():
             lines.append(
                 f"{'model states/GPU, ' + name:<44}{mem['gpu_GiB']} GiB GPU, {mem['cpu_per_node_GiB']} GiB CPU per node"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from perce_ds import checkpoint, estep
+from perce_ds import checkpoint, estep, lora
 from perce_ds.best import KeepBest
 from perce_ds.config import RunConfig
 from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
@@ -137,6 +137,8 @@ class Trainer:
         # time and for synced_gpus in generate().
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
         lm = build_causal_lm(self.cfg.model, self.tokenizer, self.dtype, self.attn_implementation)
+        # LoRA: adapters injected into lm in place, so PerceLM runs both passes through the adapted weights.
+        self.peft_model = None if self.cfg.model.lora is None else lora.add_adapters(lm, self.cfg.model.lora)
         module = PerceLM(lm, self.cfg.loss.logprob_chunk_size)
         if self.inference_only:
             self.ds_config.pop("optimizer", None)
@@ -410,7 +412,7 @@ class Trainer:
     def _export_hf(self, folder: str) -> None:
         """<run_dir>/<folder>: the model as a Hugging Face folder (a collective: every rank calls it)."""
         card = checkpoint.model_card(self.cfg.train.run_name, self.cfg.to_dict(), self.total_steps, self.world)
-        checkpoint.export_hf(self.module.lm, self.tokenizer, self.run_dir / folder, self.is_rank0, card)
+        lora.export_model(self.peft_model, self.module.lm, self.tokenizer, self.run_dir / folder, self.is_rank0, card)
 
     def _evaluate_and_log(self, step: int) -> dict[str, Any]:
         evaluation = self.evaluate()

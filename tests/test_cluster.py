@@ -254,7 +254,7 @@ def test_every_longlamp_recipe_passes_a_dry_run_on_fixtures(sp_tokenizer, tmp_pa
     reports the paper's global batch of 64 on 8 GPUs; no model or dataset download (offline)."""
     sp_tokenizer.save_pretrained(tmp_path / "tok")
     recipes = sorted((ROOT / "recipes" / "longlamp").glob("*.yaml"))
-    assert len(recipes) == 18
+    assert len(recipes) == 19
     env = launch_env() | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-c", DRY_RUN_ALL, str(ROOT / "tests" / "fixtures" / "longlamp"), str(tmp_path / "tok"),
            str(tmp_path / "runs"), *map(str, recipes)]  # fmt: skip

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                       "perce_ds.metric_presets", "perce_ds.export_check", "perce_ds.checkpoint", "perce_ds.best")),
     ("loss", ("perce_ds.loss",)),
     ("config", ("perce_ds.config",)),
-    ("data and model", ("perce_ds.data", "perce_ds.data.*", "perce_ds.model", "perce_ds.ds_config")),
+    ("data and model", ("perce_ds.data", "perce_ds.data.*", "perce_ds.model", "perce_ds.ds_config", "perce_ds.lora")),
     ("evaluation", ("perce_ds.evaluation", "perce_ds.evaluation.*")),
     ("engine and entry points", ("perce_ds.engine", "perce_ds.estep", "perce_ds.insight", "perce_ds.dryrun",
                                  "perce_ds.cli")),

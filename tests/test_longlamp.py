@@ -312,7 +312,7 @@ def recipe_overrides(tokenizer_dir: str, cache_dir: Path) -> list[str]:
 
 def test_every_longlamp_recipe_loads_and_builds_examples(sp_tokenizer, tmp_path):
     recipes = sorted((Path(__file__).parents[1] / "recipes" / "longlamp").glob("*.yaml"))
-    assert len(recipes) == 18
+    assert len(recipes) == 19
     for path in recipes:
         cfg = RunConfig.load(path, recipe_overrides(sp_tokenizer.name_or_path, tmp_path))
         d, t = cfg.data, cfg.train
@@ -321,7 +321,15 @@ def test_every_longlamp_recipe_loads_and_builds_examples(sp_tokenizer, tmp_path)
         assert t.micro_batch_size * t.grad_accum * 8 == 64
         assert (cfg.loss.clip_min, cfg.loss.clip_max) == (0.8, 5.0)
         assert cfg.loss.scheme == ("ce" if path.stem.endswith("_ce") else "perce")
-        assert t.lr in (2e-6, 5e-6, 8e-6, 2e-5, 5e-5)
+        if path.stem.endswith("_lora"):  # LoRA: MIRROR's r 16, alpha 32, all projections, lr 1e-4
+            assert (cfg.model.lora.r, cfg.model.lora.alpha, len(cfg.model.lora.target_modules), t.lr) == (
+                16,
+                32,
+                7,
+                1e-4,
+            )
+        else:
+            assert cfg.model.lora is None and t.lr in (2e-6, 5e-6, 8e-6, 2e-5, 5e-5)
         assert cfg.model.dtype == "bf16" and cfg.model.activation_checkpointing and cfg.model.config is None
         data = prepare_data(cfg, True, lambda: None)
         assert len(data.train) == 24 and len(data.eval) == 6
