@@ -103,7 +103,7 @@ def dry_run(spec: SweepSpec, root: Path) -> str:
     measured = cost.measured_step_seconds(spec, [c for cs in stages for c in cs], root)
     lines = [f"sweep {spec.name}: base {spec.base}, {spec.num_gpus} process(es), seeds {spec.seeds}",
              f"common overrides: {dump_overrides(spec.overrides)}", ""]  # fmt: skip
-    total = 0.0
+    total = remaining = 0.0
     placeholder = _placeholder_stages(spec, methods, stages)
     for s, cells in enumerate(placeholder):
         name = "grid" if s == 0 else f"stage {spec.stages[s - 1].name}"
@@ -123,11 +123,13 @@ def dry_run(spec: SweepSpec, root: Path) -> str:
                 lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] cannot be resolved: {e}")
                 continue
             total += est["seconds"]
+            remaining += est["seconds"] if state != "done" else 0.0
             steps = f"{est['steps']} steps" if est["steps"] is not None else "? steps (training files missing)"
             lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] {steps} x {est['step_seconds']:.2f} s "
                          f"({est['source']}) + {est['evals']} evals x {spec.eval_seconds:g} s + "
                          f"{spec.startup_seconds:g} s start = {cost.human(est['seconds'])}")  # fmt: skip
     lines.append(f"\ntotal (all cells, sequential): {cost.human(total)}, plus test scoring of the selected runs")
+    lines.append(f"left (cells not done): {cost.human(remaining)}")
     return "\n".join(lines)
 
 
