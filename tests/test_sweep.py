@@ -55,7 +55,9 @@ def test_spec_expands_the_grid_in_order_and_names_bad_keys(tmp_path):
     assert len({c.id for c in cells}) == 4 and cells[0].id == cells_of_grid(spec)[0].id
     for bad, needle in (({"grid": {"train.seed": [1]}}, "seeds"), ({"colour": 1}, "unknown key 'colour'"),
                         ({"stages": [{"name": "x", "lr_from": {"loss.scheme": "sgd"}, "variants": [{"loss.clip_max": 2}]}]}, "not a method"),
-                        ({"select": {"metric": "bleu"}}, "select.metric")):  # fmt: skip
+                        ({"select": {"metric": "bleu"}}, "select.metric"),
+                        ({"overrides": {"train.run_name": "mine"}}, "train.run_name is set by the sweep"),
+                        ({"grid": {"train.keep_best": ["eval_acc"]}}, "train.keep_best is set by the sweep")):  # fmt: skip
         with pytest.raises(SweepSpecError, match=needle):
             load_spec(write_spec(tmp_path, **bad), ROOT)
 

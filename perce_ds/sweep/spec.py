@@ -101,11 +101,20 @@ def _number(value: Any) -> Any:
     return value
 
 
+# Keys every cell's command sets itself (perce_ds/sweep/cells.py train_command): a recipe naming one would be
+# silently replaced, so it is refused.
+SWEEP_OWNED_KEYS = ("train.output_dir", "train.run_name", "train.resume", "train.keep_best", "train.keep_best_mode")
+
+
 def _dotted(mapping: Any, where: str) -> dict[str, Any]:
     if mapping is None:
         return {}
     if not isinstance(mapping, dict) or not all(isinstance(k, str) and "." in k for k in mapping):
         raise SweepSpecError(f"{where}: expected a mapping of dotted config keys (section.key: value)")
+    owned = sorted(set(mapping) & set(SWEEP_OWNED_KEYS))
+    if owned:
+        raise SweepSpecError(f"{where}: {owned[0]} is set by the sweep for every cell (output_dir / commit_dir and "
+                             "select.metric decide it); remove it")  # fmt: skip
     return {k: _number(v) for k, v in mapping.items()}
 
 
