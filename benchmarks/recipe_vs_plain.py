@@ -519,7 +519,10 @@ def main(argv: list[str] | None = None) -> int:
             worker_time(spec, Path(args.out))
         else:
             worker_mem(spec, args.name, Path(args.out))
-        return 0
+        from perce_ds.distributed import exit_process, shutdown
+
+        shutdown()
+        exit_process(0)  # no interpreter teardown with gloo threads alive
     return orchestrate(args)
 
 

@@ -13,7 +13,6 @@ that folder: `launch/train.py ... --model.name_or_path DIR/model --model.config 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from perce_ds.cli import exit_code_of, parse_overrides
@@ -63,4 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_code_of(main))
+    from perce_ds.distributed import exit_process
+
+    exit_process(exit_code_of(main))  # no interpreter teardown with gloo threads alive

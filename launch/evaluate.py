@@ -20,7 +20,6 @@ Backends (same prompts, stops, decoding, files and resume; README "Evaluating at
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -125,5 +124,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from perce_ds.cli import exit_code_of
+    from perce_ds.distributed import exit_process
 
-    sys.exit(exit_code_of(main))
+    exit_process(exit_code_of(main))  # no interpreter teardown with gloo threads alive

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from perce_ds.cli import exit_code_of, parse_overrides, print_summary
@@ -59,4 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_code_of(main))
+    from perce_ds.distributed import exit_process
+
+    exit_process(exit_code_of(main))  # no interpreter teardown with gloo threads alive

@@ -2,8 +2,10 @@
 
 Whenever the metric improves (strictly: lower for `keep_best_mode: min`, higher for `max`), the model is exported
 to `<run>/hf_best/` (a Hugging Face folder in the run's dtype, the same export as `hf/`) and `<run>/best.json`
-records `{step, metric, mode, value}`. The export goes to `hf_best.tmp/` first and is renamed after it is complete,
-so a kill leaves either the previous best or the new one, never half a folder. A resumed run continues from the
+records `{step, metric, mode, value}`. The export goes to `hf_best.tmp/` first (a LoRA run's adapter to
+`hf_best_adapter.tmp/` beside it) and both are renamed after both are complete, each over its predecessor without
+deleting it first, so a kill leaves whole folders (the previous best or the new one), never half of one; best.json
+is written last. A resumed run continues from the
 recorded best (the evaluations it replays give the same values, so they do not count as improvements); a fresh
 start forgets a stale one.
 """
@@ -54,11 +56,32 @@ class KeepBest:
         """Rank 0, after `exported` (the hf_best.tmp folder) is complete: make it hf_best/ and record best.json."""
         self.value = float(evaluation[self.metric])
         final = self.run_dir / BEST_DIR
-        if final.exists():
-            shutil.rmtree(final)
-        exported.rename(final)
+        staged_adapter = adapter_dir(exported)
+        if staged_adapter.is_dir():  # the adapter first: the model folder's rename is the last before best.json
+            _replace_dir(staged_adapter, adapter_dir(final))
+        _replace_dir(exported, final)
         state = {"step": step, "metric": self.metric, "mode": self.mode, "value": self.value}
         tmp = self.run_dir / (BEST_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.run_dir / BEST_FILE)
         log.info("best %s so far (%.4g) at step %d: exported %s", self.metric, self.value, step, final)
+
+
+def adapter_dir(model_dir: Path) -> Path:
+    """Where an adapted run's adapter goes beside its merged model: hf/ -> hf_adapter/, hf_best/ ->
+    hf_best_adapter/, and a staged hf_best.tmp/ -> hf_best_adapter.tmp/ (renamed with it by KeepBest.commit)."""
+    stem, dot, suffix = model_dir.name.partition(".")
+    return model_dir.with_name(f"{stem}_adapter{dot}{suffix}")
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Put the complete folder `src` at `dest`: the old one is renamed aside (not deleted) first, so there is no
+    moment without a whole `dest` longer than one rename."""
+    old = dest.with_name(dest.name + ".old")
+    if old.exists():  # left by a kill during an earlier replace
+        shutil.rmtree(old)
+    if dest.exists():
+        dest.rename(old)
+    src.rename(dest)
+    if old.exists():
+        shutil.rmtree(old)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from perce_ds.best import adapter_dir
 from perce_ds.checkpoint import export_hf, gather_module_state
 from perce_ds.config import ConfigError, LoraConfig
 from perce_ds.export_check import expected_state
@@ -207,10 +208,10 @@ def base_model_state(lm: nn.Module) -> tuple[dict[str, tuple[int, ...]], str]:
 
 def export_model(peft_model: Any, lm: nn.Module, tokenizer: Any, out_dir: Path, rank0: bool, card: str) -> None:
     """The trained model as a Hugging Face folder (a collective): plain (`peft_model` None) as checkpoint.export_hf;
-    adapted: the merged model in `out_dir` and the adapter alone beside it in `<out_dir>_adapter` (hf/ ->
-    hf_adapter/; the keep-best export's hf_best.tmp/ -> hf_best_adapter/)."""
+    adapted: the merged model in `out_dir` and the adapter alone beside it (best.adapter_dir: hf/ -> hf_adapter/;
+    the keep-best export's staged hf_best.tmp/ -> hf_best_adapter.tmp/)."""
     if peft_model is None:
         export_hf(lm, tokenizer, out_dir, rank0, card)
         return
     export_hf(lm, tokenizer, out_dir, rank0, card, merged_state_dict(lm, rank0), base_model_state(lm))
-    save_adapter(peft_model, out_dir.with_name(out_dir.name.removesuffix(".tmp") + "_adapter"), rank0)
+    save_adapter(peft_model, adapter_dir(out_dir), rank0)

@@ -203,7 +203,8 @@ def test_lora_zero3_steps_equal_plain_pytorch_lora_steps(setup):
     from transformers import AutoModelForCausalLM
 
     name = "lora-equiv"
-    spec = lora_recipe(setup, name, max_steps=2, save_init_model=True)
+    # keep_best with one evaluation (step 2): hf_best/ + hf_best_adapter/ must be that step's model, as hf/ is
+    spec = lora_recipe(setup, name, max_steps=2, save_init_model=True, eval_every=2, keep_best="eval_ce")
     path = write_recipe(setup["root"] / f"{name}.yaml", spec)
     out = setup["root"] / f"{name}-out"
     worker = ROOT / "tests" / "workers" / "lora_train.py"
@@ -258,6 +259,14 @@ def test_lora_zero3_steps_equal_plain_pytorch_lora_steps(setup):
     for k, v in ref.merge_and_unload().state_dict().items():
         if k in exported:  # lm_head.weight is tied to embed_tokens: stored once
             torch.testing.assert_close(exported[k], v, atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+    # keep_best: the merged model and its adapter, renamed from their staging folders together
+    assert json.loads((run / "best.json").read_text())["step"] == 2
+    assert not [p.name for p in run.iterdir() if p.name.endswith((".tmp", ".old"))]
+    for key, tensor in peft_state(run / "hf_best_adapter").items():
+        assert torch.equal(tensor, got[key]), key
+    best = load_safetensors(run / "hf_best" / "model.safetensors")
+    assert best.keys() == exported.keys() and all(torch.equal(best[k], exported[k]) for k in best)
 
 
 @pytest.mark.slow

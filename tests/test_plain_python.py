@@ -99,3 +99,28 @@ def test_user_error_is_one_line_without_traceback(kind, tmp_path, sp_tokenizer):
 def test_several_tasks_of_another_launcher_are_not_made_single(var, no_launcher):
     os.environ[var] = "4"
     assert not apply_single_process_env() and "RANK" not in os.environ
+
+
+def test_exit_process_keeps_buffered_output_and_the_exit_code(tmp_path):
+    """launch/*.py end with exit_process (os._exit, no interpreter teardown while gloo threads live): what the
+    process printed into a pipe's buffer and logged must still arrive, and the code must be the one given."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import logging, sys, torch, torch.distributed as dist\n"
+        "from perce_ds.distributed import exit_process, shutdown\n"
+        f"logging.basicConfig(filename={str(tmp_path / 'job.log')!r}, level=logging.INFO)\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "t = torch.ones(3)\n"
+        "dist.all_reduce(t)\n"
+        "print('summary', t.tolist())\n"  # a pipe: block-buffered, lost by a bare os._exit
+        "sys.stderr.write('last words')\n"
+        "logging.getLogger('perce_ds').info('logged')\n"
+        "shutdown()\n"
+        "exit_process(3)\n"
+    )
+    env = plain_env()
+    env.pop("PYTHONUNBUFFERED", None)  # as under sbatch: stdout a block-buffered file
+    proc = run_job([sys.executable, str(script)], 60, env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.strip() == "summary [1.0, 1.0, 1.0]" and proc.stderr.endswith("last words")
+    assert "logged" in (tmp_path / "job.log").read_text()

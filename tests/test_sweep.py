@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from perce_ds.best import KeepBest
+from perce_ds.best import KeepBest, adapter_dir
 from perce_ds.checkpoint import consolidated_lm_weights
 from perce_ds.errors import UserError
 from perce_ds.sweep import bootstrap
@@ -165,6 +165,25 @@ def test_keep_best_exports_on_improvement_and_resumes_from_the_record(tmp_path):
     assert KeepBest(tmp_path, "eval_acc", "max", resuming=False).improves({"eval_acc": 0.1})
     with pytest.raises(UserError, match="eval_nll_persona.*eval_ce"):
         KeepBest(tmp_path, "eval_nll_persona", "min", resuming=False).improves({"eval_ce": 1.0})
+
+
+def test_keep_best_replaces_the_model_and_its_lora_adapter_together(tmp_path):
+    """A LoRA run stages the adapter beside the model (hf_best_adapter.tmp/): commit moves both over the previous
+    best, leaving no staged or set-aside folder; before, the adapter went straight to hf_best_adapter/ while the
+    merged model was still exporting, so a kill paired a new adapter with the old model."""
+    assert adapter_dir(tmp_path / "hf") == tmp_path / "hf_adapter"
+    assert adapter_dir(tmp_path / "hf_best.tmp") == tmp_path / "hf_best_adapter.tmp"
+    best = KeepBest(tmp_path, "eval_ce", "min", resuming=False)
+    for step, value in ((4, 3.0), (8, 2.0)):
+        for folder in ("hf_best.tmp", "hf_best_adapter.tmp"):
+            (tmp_path / folder).mkdir()
+            (tmp_path / folder / "step").write_text(str(step))
+        (tmp_path / "hf_best.old").mkdir(exist_ok=True)  # left by a kill during an earlier replace
+        best.commit(step, {"eval_ce": value}, tmp_path / "hf_best.tmp")
+        assert (tmp_path / "hf_best" / "step").read_text() == str(step)
+        assert (tmp_path / "hf_best_adapter" / "step").read_text() == str(step)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "hf_best", "hf_best_adapter"]
+        assert json.loads((tmp_path / "best.json").read_text())["step"] == step
 
 
 # ------------------------------------------------------------------ dry runs and the stub's --array (fast)

@@ -10,7 +10,7 @@ from pathlib import Path
 from perce_ds.config import RunConfig
 from perce_ds.data.pipeline import data_files
 from perce_ds.data.sources import load_many
-from perce_ds.distributed import shutdown
+from perce_ds.distributed import exit_process, shutdown
 from perce_ds.engine import Trainer
 from perce_ds.evaluation.demo import demo_evaluation
 
@@ -41,3 +41,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown with gloo threads alive

@@ -17,7 +17,7 @@ import torch
 
 from perce_ds import loss
 from perce_ds.config import RunConfig
-from perce_ds.distributed import shutdown
+from perce_ds.distributed import exit_process, shutdown
 from perce_ds.engine import NonFiniteLossError, Trainer
 
 POISON = {"on": False}
@@ -123,3 +123,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown with gloo threads alive

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from perce_ds.config import RunConfig
-from perce_ds.distributed import shutdown
+from perce_ds.distributed import exit_process, shutdown
 from perce_ds.engine import Trainer
 
 PROMPTS = [[5, 17, 42, 9], [3, 8, 8, 120], [11, 250, 7, 60]]  # token ids of the tiny tokenizer
@@ -75,3 +75,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown with gloo threads alive

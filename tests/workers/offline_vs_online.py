@@ -21,7 +21,7 @@ from perce_ds.cli import parse_overrides
 from perce_ds.config import RunConfig
 from perce_ds.data.collate import collate
 from perce_ds.data.order import shard_batches
-from perce_ds.distributed import shutdown
+from perce_ds.distributed import exit_process, shutdown
 from perce_ds.engine import Trainer
 from perce_ds.loss import token_weights
 from tests.launch_utils import reference_logprobs
@@ -76,3 +76,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown with gloo threads alive
