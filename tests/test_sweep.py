@@ -357,9 +357,9 @@ def train_lines(tmp: Path) -> list[str]:
     return [line.split()[-1] for line in log.read_text().splitlines()] if log.is_file() else []
 
 
-# the slow tests' sweep: CE and PerCE at one lr, then PerCE with clip_max 2 at PerCE's (3 cells; lr selection over
-# several values is tested above on committed files)
-E2E_GRID = {"loss.scheme": ["ce", "perce"], "train.lr": [3.0e-3]}
+# the slow tests' sweep: CE and PerCE at one lr with seed 1, confirmed with seed 2, then PerCE with clip_max 2 at
+# PerCE's lr with both seeds (6 cells in 3 stages; lr selection over several values is tested above on committed files)
+E2E = {"grid": {"loss.scheme": ["ce", "perce"], "train.lr": [3.0e-3]}, "seeds": [1], "confirm_seeds": [2]}
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +369,7 @@ def slurm_sweep(tmp_path_factory) -> Path:
     env = launch_env()
     env.update(PATH=f"{STUB}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
                SLURM_STUB_DIR=str(tmp / "slurm"), PERCE_PYTHON=sys.executable)  # fmt: skip
-    check(run_job([sys.executable, SWEEP, "--recipe", write_spec(tmp, grid=E2E_GRID), "--slurm"], 400, env=env))
+    check(run_job([sys.executable, SWEEP, "--recipe", write_spec(tmp, **E2E), "--slurm"], 400, env=env))
     return tmp
 
 
@@ -380,16 +380,22 @@ def test_slurm_array_path_runs_the_sweep_and_keeps_the_best_checkpoint(slurm_swe
         (line.split("\t") for line in (tmp / "slurm" / "jobs.tsv").read_text().splitlines()), key=lambda j: int(j[0])
     )
     # in submission order: stage 0 (2 grid cells) as one array, the next step after it, which submitted stage 1
-    # (its lr now selected) and the next step after that, which wrote the report (the stub logs a job at its end)
+    # (confirmation, the lr now selected), its next step, which submitted stage 2 (PerCE with clip_max 2), and the
+    # next step after that, which wrote the report (the stub logs a job at its end)
+    recipe = str(tmp / "tiny_sweep.yaml")
     assert [(j[1], Path(j[2]).name, j[3].split()[-1]) for j in jobs] == [
-        ("COMPLETED", "sweep_cell.sbatch", "0"), ("COMPLETED", "sweep_next.sbatch", str(tmp / "tiny_sweep.yaml")),
-        ("COMPLETED", "sweep_cell.sbatch", "1"), ("COMPLETED", "sweep_next.sbatch", str(tmp / "tiny_sweep.yaml")),
+        ("COMPLETED", "sweep_cell.sbatch", "0"), ("COMPLETED", "sweep_next.sbatch", recipe),
+        ("COMPLETED", "sweep_cell.sbatch", "1"), ("COMPLETED", "sweep_next.sbatch", recipe),
+        ("COMPLETED", "sweep_cell.sbatch", "2"), ("COMPLETED", "sweep_next.sbatch", recipe),
     ]  # fmt: skip
-    assert len(train_lines(tmp)) == 3
+    assert len(train_lines(tmp)) == 6
     result = json.loads((tmp / "committed" / "sweep.json").read_text())
     assert [m["label"] for m in result["methods"]] == ["scheme=ce", "scheme=perce", "scheme=perce, clip_max=2.0"]
     perce_lr = result["methods"][1]["selected_lr"]
     assert result["methods"][2]["selected_lr"] == perce_lr  # the stage ran at PerCE's selected lr
+    stage_of = {c.name: json.loads((c / DONE).read_text())["stage"] for c in (tmp / "committed" / "cells").iterdir()}
+    for m, stages in zip(result["methods"], (["grid", "confirm"], ["grid", "confirm"], ["perce_clip"] * 2)):
+        assert m["complete"] and [stage_of[c] for c in m["selected_cells"]] == stages  # all seeds, each tested
     for cell in (tmp / "committed" / "cells").iterdir():
         rows = [json.loads(line) for line in (cell / "eval_metrics.jsonl").read_text().splitlines()]
         best = json.loads((cell / "best.json").read_text())
@@ -406,12 +412,22 @@ def test_slurm_array_path_runs_the_sweep_and_keeps_the_best_checkpoint(slurm_swe
     assert set(nll["methods"]["scheme=perce"]["vs_base"]) >= {"diff", "ci_low", "ci_high"}
     assert (tmp / "committed" / "test_scored.json").is_file() and (tmp / "committed" / "learning_curves.png").is_file()
     out = check(run_job([sys.executable, SWEEP, "--recipe", tmp / "tiny_sweep.yaml", "--dry-run"], 120)).stdout
-    assert out.count("[done]") == 3 and "(measured)" in out
+    assert out.count("[done]") == 6 and "(measured)" in out
 
 
 @pytest.mark.slow
 def test_a_killed_sweep_finishes_only_the_remaining_cells(slurm_sweep, tmp_path):
-    recipe = write_spec(tmp_path, grid=E2E_GRID)
+    """Given the SLURM sweep's finished grid and confirmation cells (run directories and committed files, without
+    test scores), the sequential sweep trains the stage; killed in its second cell after a checkpoint and run again,
+    it resumes that cell, trains nothing finished, scores test and writes the same table."""
+    recipe = write_spec(tmp_path, **E2E)
+    _, stages = select_all(load_spec(slurm_sweep / "tiny_sweep.yaml", ROOT), ROOT)
+    for cell in stages[0] + stages[1]:
+        shutil.copytree(
+            slurm_sweep / "runs" / cell.id, tmp_path / "runs" / cell.id, ignore=shutil.ignore_patterns("eval")
+        )
+        shutil.copytree(slurm_sweep / "committed" / "cells" / cell.id, tmp_path / "committed" / "cells" / cell.id,
+                        ignore=shutil.ignore_patterns("test"))  # fmt: skip
     cmd = [sys.executable, SWEEP, "--recipe", recipe]
     first = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=launch_env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -428,8 +444,7 @@ def test_a_killed_sweep_finishes_only_the_remaining_cells(slurm_sweep, tmp_path)
         first.wait()
     assert not (tmp_path / "committed" / "cells" / second / DONE).exists()
     check(run_job(cmd, 400))
-    lines = train_lines(tmp_path)
-    assert lines[:3] == [lines[0], second, second] and len(lines) == 4 and len(set(lines)) == 3
+    assert train_lines(tmp_path) == [stages[2][0].id, second, second] and second == stages[2][1].id
     assert "resumed from" in (tmp_path / "runs" / second / "train.log").read_text()
     assert (tmp_path / "committed" / "sweep.md").read_text() == (slurm_sweep / "committed" / "sweep.md").read_text()
 
@@ -438,7 +453,7 @@ def test_a_killed_sweep_finishes_only_the_remaining_cells(slurm_sweep, tmp_path)
 def test_the_table_is_rebuilt_from_the_committed_files_alone(slurm_sweep, tmp_path):
     shutil.copytree(slurm_sweep / "committed", tmp_path / "committed")
     (tmp_path / "committed" / "sweep.md").unlink()
-    recipe = write_spec(tmp_path, grid=E2E_GRID)  # output_dir tmp_path/runs does not exist: no run directory at all
+    recipe = write_spec(tmp_path, **E2E)  # output_dir tmp_path/runs does not exist: no run directory at all
     for extra in (["--only-aggregate"], []):  # plain re-run: every cell done, test scored -> aggregates only
         check(run_job([sys.executable, SWEEP, "--recipe", recipe, *extra], 120))
         assert (tmp_path / "committed" / "sweep.md").read_text() == (slurm_sweep / "committed" / "sweep.md").read_text()
