@@ -142,6 +142,7 @@ def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any
 
 
 def _confirm_note(spec: SweepSpec) -> list[str]:
+    """The seed protocol, stated under the header of a sweep with confirm_seeds (nothing otherwise)."""
     if not spec.confirm_seeds:
         return []
     return [f"The learning rate is selected with seeds {spec.seeds} only; each grid method's selected lr is then "

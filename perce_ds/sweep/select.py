@@ -41,7 +41,8 @@ class MethodSelection:
     confirm: list[Cell] = field(default_factory=list)  # of them, the confirmation cells (not in by_lr)
     confirm_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # done ones: id -> {seed, value, step}
     complete: bool = False  # selected and every confirmation cell done: ready for test scoring
-    lr_chosen_by_seeds: list[int] = field(default_factory=list)  # seeds of the runs that chose the lr (grid: `seeds`)
+    # seeds of this method's runs that chose its lr (grid: `seeds`; a stage's method: none, its lr_from method's did)
+    lr_chosen_by_seeds: list[int] = field(default_factory=list)
     fixed_lr_seeds: list[int] = field(default_factory=list)  # seeds trained at an lr chosen without them
 
     def to_dict(self, seeds: bool = False) -> dict[str, Any]:

@@ -22,9 +22,9 @@ Paths are relative to the repository root. A method is a cell's overrides withou
 
 `confirm_seeds` (default none; integers, none of them in `seeds`) splits the seeds in two: the grid trains every
 learning rate with `seeds` only and each grid method's lr is chosen from those runs alone, then the "confirm"
-stage trains the selected lr with each confirm seed (the cell the grid would have had with that seed: same id).
-The lr cannot change when these finish; the method's result (test, table) is all seeds at that lr, and is complete
-once they are done. Pipeline order: grid, confirm, then `stages`. A stage's cells take its lr_from method's lr as
+stage trains the selected lr with each confirm seed (the cell the grid would have had with that seed: same id and
+config hash). The lr cannot change when these finish; the method's result (test, table) is all seeds at that lr,
+complete once they are done. Pipeline order: grid, confirm, then `stages`. A stage's cells take its lr_from method's lr as
 soon as it is selected (they do not wait for confirmation) and train every seed, `seeds` + `confirm_seeds`: no lr
 is chosen there, so no seed is set aside for choosing it.
 """
