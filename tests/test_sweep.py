@@ -4,6 +4,7 @@ rebuilt from the committed files alone."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -22,8 +23,8 @@ from perce_ds.best import KeepBest, adapter_dir
 from perce_ds.checkpoint import consolidated_lm_weights
 from perce_ds.errors import UserError
 from perce_ds.sweep import bootstrap
-from perce_ds.sweep.cells import DONE, SweepError, cells_of_grid, committed_dir, config_hash, is_done
-from perce_ds.sweep.select import select_all
+from perce_ds.sweep.cells import DONE, SweepError, cell_id, cells_of_grid, committed_dir, config_hash, is_done
+from perce_ds.sweep.select import select_all, stage_lists
 from perce_ds.sweep.spec import SweepSpecError, load_spec
 from tests.launch_utils import ROOT, check, launch_env, load_safetensors, run_job
 
@@ -91,6 +92,129 @@ def test_selection_takes_the_lr_with_the_best_mean_over_seeds_and_stages_follow_
     assert methods[1].selected_lr == 1e-3  # a tie goes to the smaller lr
     assert [c.lr for c in stages[1]] == [1e-3, 1e-3] and stages[1][0].as_dict["loss.clip_max"] == 2.0
     assert methods[2].label == "scheme=perce, clip_max=2.0" and methods[2].selected_lr is None  # not trained yet
+
+
+def test_confirm_seeds_are_checked_and_named(tmp_path):
+    for bad, needle in (({"confirm_seeds": [1]}, r"confirm_seeds \[1\] are also in seeds"),
+                        ({"confirm_seeds": ["2"]}, "confirm_seeds: must be a list of distinct integers"),
+                        ({"confirm_seeds": [True]}, "confirm_seeds: must be a list of distinct integers"),
+                        ({"confirm_seeds": 2}, "confirm_seeds: must be a list of distinct integers"),
+                        ({"confirm_seeds": [2, 2]}, "confirm_seeds: must be a list of distinct integers"),
+                        ({"confirm_seeds": [2], "grid": {"loss.scheme": ["ce", "perce"]}, "stages": []},
+                         "put train.lr in the grid"),
+                        ({"stages": [{"name": "confirm", "lr_from": {"loss.scheme": "perce"},
+                                      "variants": [{"loss.clip_max": 2}]}]}, "'confirm' is the sweep's own stage")):  # fmt: skip
+        with pytest.raises(SweepSpecError, match=needle) as info:
+            load_spec(write_spec(tmp_path, **bad), ROOT)
+        assert str(tmp_path / "tiny_sweep.yaml") in str(info.value)  # the message names the file
+    spec = load_spec(write_spec(tmp_path, seeds=[1], confirm_seeds=[3, 2]), ROOT)
+    assert spec.all_seeds == [1, 3, 2] and spec.stage_names() == ["grid", "confirm", "perce_clip"]
+    assert load_spec(write_spec(tmp_path), ROOT).stage_names() == ["grid", "perce_clip"]
+
+
+def expected_cell_ids(raw: dict) -> list[list[str]]:
+    """A sweep's cell ids per stage as the recipe format defines them, computed here from the raw YAML: the grid's
+    combinations (keys in order) x seeds, then each stage's lr_from + variant at the first grid lr x seeds."""
+    grid = {k: [float(v) for v in vs] if k == "train.lr" else vs for k, vs in raw["grid"].items()}
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    out = [[cell_id({**o, "train.seed": s}) for o in combos for s in raw["seeds"]]]
+    for st in raw.get("stages") or []:
+        lr = grid["train.lr"][0]
+        out.append([cell_id({**st["lr_from"], **v, "train.lr": lr, "train.seed": s})
+                    for v in st["variants"] for s in raw["seeds"]])  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("name", ["persona_smollm2_sweep", "tiny_sweep"])
+def test_a_sweep_without_confirm_seeds_has_the_cells_it_had(name, tmp_path):
+    """No confirm_seeds (or an empty list): the same stages, cells, ids and config hashes as the format defines and
+    as the committed cells of the persona sweep were trained with (their done.json markers)."""
+    path = write_spec(tmp_path) if name == "tiny_sweep" else ROOT / "recipes" / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert "confirm_seeds" not in raw
+    spec = load_spec(path, ROOT)
+    assert spec.stage_names() == ["grid", *(st["name"] for st in raw.get("stages") or [])]
+    first_lr = spec.grid["train.lr"][0]
+    placeholder = stage_lists(spec, {}, fill_lr=first_lr)
+    assert [[c.id for c in cells] for cells in placeholder] == expected_cell_ids(raw)
+    _, stages = select_all(spec, ROOT)
+    assert [c.id for c in stages[0]] == expected_cell_ids(raw)[0]
+    raw["confirm_seeds"] = []
+    empty = tmp_path / "empty_confirm.yaml"
+    empty.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert stage_lists(load_spec(empty, ROOT), {}, fill_lr=first_lr) == placeholder
+    for marker in sorted((ROOT / spec.commit_dir / "cells").glob(f"*/{DONE}")):  # cells trained before this change
+        recorded = json.loads(marker.read_text())
+        cell = next(c for c in stages[0] if c.id == marker.parent.name)
+        assert cell.as_dict == recorded["overrides"] and config_hash(spec, cell, ROOT) == recorded["config_hash"]
+        assert is_done(spec, cell, ROOT)
+
+
+def test_confirm_seeds_train_the_selected_lr_without_changing_it(tmp_path):
+    """seeds [1] select the lr; confirm_seeds [2] train it afterwards (stage 'confirm', before the recipe's stage):
+    their cells appear once a method is selected, at its lr; a confirmation value that would have changed the mean's
+    choice does not change it; the method is complete (test-scorable) once they are done; stages train both seeds."""
+    from perce_ds.sweep import report, runner, scoring
+
+    spec = load_spec(write_spec(tmp_path, seeds=[1], confirm_seeds=[2]), ROOT)
+    (tmp_path / "both").mkdir()
+    both = load_spec(write_spec(tmp_path / "both", seeds=[1, 2]), ROOT)  # every lr with both seeds
+    grid = cells_of_grid(spec)
+    assert [c.id for c in grid] == [c.id for c in cells_of_grid(both) if c.seed == 1]
+    values = {("ce", 1e-3): 1.0, ("ce", 3e-3): 2.0, ("perce", 1e-3): 3.0, ("perce", 3e-3): 1.5}
+    for c in grid[:2]:  # ce's cells done, perce's not
+        fake_finished(spec, c, values[(c.as_dict["loss.scheme"], c.lr)])
+    methods, stages = select_all(spec, ROOT)
+    ce, perce = methods[:2]
+    assert ce.selected_lr == 1e-3 and not ce.complete and perce.selected_lr is None
+    assert [(c.stage, c.as_dict) for c in stages[1]] == [
+        ("confirm", {"loss.scheme": "ce", "train.lr": 1e-3, "train.seed": 2})
+    ]
+    assert stages[2] == [] and runner.pending(spec, ROOT) == (0, [2, 3])  # the grid first
+    dry = runner.dry_run(spec, ROOT)
+    confirm_lines = dry.split("confirm: ", 1)[1].split("stage perce_clip", 1)[0].splitlines()
+    assert confirm_lines[0].startswith("2 cells (1 waiting for their grid method's selected lr")
+    assert "[todo]" in confirm_lines[1] and "train.lr: 0.001, train.seed: 2" in confirm_lines[1]
+    assert "[pending]" in confirm_lines[2] and "scheme: perce" in confirm_lines[2]
+    assert "seeds [1], confirm seeds [2]" in dry.splitlines()[0]
+
+    for c in grid[2:]:
+        fake_finished(spec, c, values[(c.as_dict["loss.scheme"], c.lr)])
+    methods, stages = select_all(spec, ROOT)
+    assert [m.selected_lr for m in methods[:2]] == [1e-3, 3e-3] and not any(m.complete for m in methods)
+    confirm = stages[1]
+    assert [(c.as_dict["loss.scheme"], c.lr, c.seed) for c in confirm] == [("ce", 1e-3, 2), ("perce", 3e-3, 2)]
+    both_ids = {c.id: c for c in cells_of_grid(both)}  # the cell the grid would have had with seed 2: id and hash
+    assert all(config_hash(spec, c, ROOT) == config_hash(both, both_ids[c.id], ROOT) for c in confirm)
+    assert [(c.lr, c.seed) for c in stages[2]] == [(3e-3, 1), (3e-3, 2)]  # perce_clip at perce's lr, both seeds
+    assert runner.pending(spec, ROOT) == (1, [0, 1])  # confirmation before the recipe's stage
+    assert methods[0].selected == [grid[0], confirm[0]]
+
+    fake_finished(spec, confirm[0], 100.0)  # ce seed 2: the mean at 1e-3 would now be 50.5, worse than 3e-3's 2.0
+    fake_finished(spec, confirm[1], 0.5)
+    methods, stages = select_all(spec, ROOT)
+    ce = methods[0]
+    assert ce.selected_lr == 1e-3 and ce.complete and [c.seed for c in ce.selected] == [1, 2]
+    assert ce.by_lr[1e-3]["mean"] == 1.0 and ce.confirm_runs == {confirm[0].id: {"seed": 2, "value": 100.0, "step": 2}}
+    assert not methods[2].complete and runner.pending(spec, ROOT) == (2, [0, 1])
+    assert scoring.selection_record(methods)[ce.key] == [grid[0].id, confirm[0].id]
+    for c in stages[2]:
+        fake_finished(spec, c, 1.0)
+    methods, _ = select_all(spec, ROOT)
+    assert all(m.complete for m in methods) and runner.pending(spec, ROOT) is None
+    assert [c.seed for c in methods[2].selected] == [1, 2] and methods[2].by_lr[3e-3]["mean"] == 1.0
+
+    report.write_report(spec, methods, None, ROOT)
+    written = json.loads((tmp_path / "committed" / "sweep.json").read_text())
+    assert written["select"]["seeds"] == [1] and written["select"]["confirm_seeds"] == [2]
+    assert [(m["lr_chosen_by_seeds"], m["fixed_lr_seeds"]) for m in written["methods"]] == [
+        ([1], [2]),
+        ([1], [2]),
+        ([], [1, 2]),
+    ]
+    assert written["methods"][0]["selected_cells"] == [grid[0].id, confirm[0].id]
+    md = (tmp_path / "committed" / "sweep.md").read_text()
+    assert "| scheme=ce | grid + confirm | 0.001 (all seeds) | 50.5000 | s1: 1.0000 @ 2, s2: 100.0000 @ 2 |" in md
 
 
 def test_a_done_marker_of_another_definition_is_refused(tmp_path):
@@ -187,9 +311,10 @@ def test_keep_best_replaces_the_model_and_its_lora_adapter_together(tmp_path):
 
 
 # ------------------------------------------------------------------ dry runs and the stub's --array (fast)
-@pytest.mark.parametrize("name", ["persona_smollm2_sweep", "commits_smollm2_sweep", "tiny_sweep"])
+@pytest.mark.parametrize("name", ["persona_smollm2_sweep", "commits_smollm2_sweep", "tiny_sweep", "tiny_confirm"])
 def test_dry_run_lists_every_cell_with_a_cost(name, tmp_path):
-    path = write_spec(tmp_path) if name == "tiny_sweep" else ROOT / "recipes" / f"{name}.yaml"
+    tiny = {"tiny_sweep": {}, "tiny_confirm": {"seeds": [1], "confirm_seeds": [2]}}
+    path = write_spec(tmp_path, **tiny[name]) if name in tiny else ROOT / "recipes" / f"{name}.yaml"
     spec = yaml.safe_load(path.read_text())
 
     def files() -> dict[str, float]:  # what the sweep may write (committed cells may already exist: they stay)
@@ -199,13 +324,17 @@ def test_dry_run_lists_every_cell_with_a_cost(name, tmp_path):
     before = files()
     out = check(run_job([sys.executable, SWEEP, "--recipe", path, "--dry-run"], 120)).stdout
     n_grid = int(np.prod([len(v) for v in spec["grid"].values()])) * len(spec["seeds"])
-    n_stage = sum(len(s["variants"]) for s in spec.get("stages") or []) * len(spec["seeds"])
+    seeds = len(spec["seeds"]) + len(spec.get("confirm_seeds", []))  # stages train every seed
+    n_stage = sum(len(s["variants"]) for s in spec.get("stages") or []) * seeds
+    n_methods = int(np.prod([len(v) for k, v in spec["grid"].items() if k != "train.lr"]))
+    n_confirm = n_methods * len(spec.get("confirm_seeds", []))  # each grid method's selected lr x confirm seeds
     assert f"grid: {n_grid} cells" in out
+    assert (f"confirm: {n_confirm} cells" in out) == (n_confirm > 0)
     listed = out.count("[todo]") + out.count("[done]")  # a checkout may hold finished (committed) cells
-    if out.count("[pending]"):  # stages wait for their lr until the grid is done
-        assert listed == n_grid and out.count("[pending]") == n_stage
+    if out.count("[pending]"):  # confirmation and stages wait for their lr until the grid is done
+        assert listed == n_grid and out.count("[pending]") == n_confirm + n_stage
     else:
-        assert listed == n_grid + n_stage
+        assert listed == n_grid + n_confirm + n_stage
     assert "total (all cells, sequential):" in out
     assert files() == before  # nothing ran, nothing was written
 
@@ -228,9 +357,9 @@ def train_lines(tmp: Path) -> list[str]:
     return [line.split()[-1] for line in log.read_text().splitlines()] if log.is_file() else []
 
 
-# the slow tests' sweep: CE and PerCE at one lr, then PerCE with clip_max 2 at PerCE's (3 cells; lr selection over
-# several values is tested above on committed files)
-E2E_GRID = {"loss.scheme": ["ce", "perce"], "train.lr": [3.0e-3]}
+# the slow tests' sweep: CE and PerCE at one lr with seed 1, confirmed with seed 2, then PerCE with clip_max 2 at
+# PerCE's lr with both seeds (6 cells in 3 stages; lr selection over several values is tested above on committed files)
+E2E = {"grid": {"loss.scheme": ["ce", "perce"], "train.lr": [3.0e-3]}, "seeds": [1], "confirm_seeds": [2]}
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +369,7 @@ def slurm_sweep(tmp_path_factory) -> Path:
     env = launch_env()
     env.update(PATH=f"{STUB}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
                SLURM_STUB_DIR=str(tmp / "slurm"), PERCE_PYTHON=sys.executable)  # fmt: skip
-    check(run_job([sys.executable, SWEEP, "--recipe", write_spec(tmp, grid=E2E_GRID), "--slurm"], 400, env=env))
+    check(run_job([sys.executable, SWEEP, "--recipe", write_spec(tmp, **E2E), "--slurm"], 400, env=env))
     return tmp
 
 
@@ -251,16 +380,22 @@ def test_slurm_array_path_runs_the_sweep_and_keeps_the_best_checkpoint(slurm_swe
         (line.split("\t") for line in (tmp / "slurm" / "jobs.tsv").read_text().splitlines()), key=lambda j: int(j[0])
     )
     # in submission order: stage 0 (2 grid cells) as one array, the next step after it, which submitted stage 1
-    # (its lr now selected) and the next step after that, which wrote the report (the stub logs a job at its end)
+    # (confirmation, the lr now selected), its next step, which submitted stage 2 (PerCE with clip_max 2), and the
+    # next step after that, which wrote the report (the stub logs a job at its end)
+    recipe = str(tmp / "tiny_sweep.yaml")
     assert [(j[1], Path(j[2]).name, j[3].split()[-1]) for j in jobs] == [
-        ("COMPLETED", "sweep_cell.sbatch", "0"), ("COMPLETED", "sweep_next.sbatch", str(tmp / "tiny_sweep.yaml")),
-        ("COMPLETED", "sweep_cell.sbatch", "1"), ("COMPLETED", "sweep_next.sbatch", str(tmp / "tiny_sweep.yaml")),
+        ("COMPLETED", "sweep_cell.sbatch", "0"), ("COMPLETED", "sweep_next.sbatch", recipe),
+        ("COMPLETED", "sweep_cell.sbatch", "1"), ("COMPLETED", "sweep_next.sbatch", recipe),
+        ("COMPLETED", "sweep_cell.sbatch", "2"), ("COMPLETED", "sweep_next.sbatch", recipe),
     ]  # fmt: skip
-    assert len(train_lines(tmp)) == 3
+    assert len(train_lines(tmp)) == 6
     result = json.loads((tmp / "committed" / "sweep.json").read_text())
     assert [m["label"] for m in result["methods"]] == ["scheme=ce", "scheme=perce", "scheme=perce, clip_max=2.0"]
     perce_lr = result["methods"][1]["selected_lr"]
     assert result["methods"][2]["selected_lr"] == perce_lr  # the stage ran at PerCE's selected lr
+    stage_of = {c.name: json.loads((c / DONE).read_text())["stage"] for c in (tmp / "committed" / "cells").iterdir()}
+    for m, stages in zip(result["methods"], (["grid", "confirm"], ["grid", "confirm"], ["perce_clip"] * 2)):
+        assert m["complete"] and [stage_of[c] for c in m["selected_cells"]] == stages  # all seeds, each tested
     for cell in (tmp / "committed" / "cells").iterdir():
         rows = [json.loads(line) for line in (cell / "eval_metrics.jsonl").read_text().splitlines()]
         best = json.loads((cell / "best.json").read_text())
@@ -277,12 +412,22 @@ def test_slurm_array_path_runs_the_sweep_and_keeps_the_best_checkpoint(slurm_swe
     assert set(nll["methods"]["scheme=perce"]["vs_base"]) >= {"diff", "ci_low", "ci_high"}
     assert (tmp / "committed" / "test_scored.json").is_file() and (tmp / "committed" / "learning_curves.png").is_file()
     out = check(run_job([sys.executable, SWEEP, "--recipe", tmp / "tiny_sweep.yaml", "--dry-run"], 120)).stdout
-    assert out.count("[done]") == 3 and "(measured)" in out
+    assert out.count("[done]") == 6 and "(measured)" in out
 
 
 @pytest.mark.slow
 def test_a_killed_sweep_finishes_only_the_remaining_cells(slurm_sweep, tmp_path):
-    recipe = write_spec(tmp_path, grid=E2E_GRID)
+    """Given the SLURM sweep's finished grid and confirmation cells (run directories and committed files, without
+    test scores), the sequential sweep trains the stage; killed in its second cell after a checkpoint and run again,
+    it resumes that cell, trains nothing finished, scores test and writes the same table."""
+    recipe = write_spec(tmp_path, **E2E)
+    _, stages = select_all(load_spec(slurm_sweep / "tiny_sweep.yaml", ROOT), ROOT)
+    for cell in stages[0] + stages[1]:
+        shutil.copytree(
+            slurm_sweep / "runs" / cell.id, tmp_path / "runs" / cell.id, ignore=shutil.ignore_patterns("eval")
+        )
+        shutil.copytree(slurm_sweep / "committed" / "cells" / cell.id, tmp_path / "committed" / "cells" / cell.id,
+                        ignore=shutil.ignore_patterns("test"))  # fmt: skip
     cmd = [sys.executable, SWEEP, "--recipe", recipe]
     first = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=launch_env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -299,8 +444,7 @@ def test_a_killed_sweep_finishes_only_the_remaining_cells(slurm_sweep, tmp_path)
         first.wait()
     assert not (tmp_path / "committed" / "cells" / second / DONE).exists()
     check(run_job(cmd, 400))
-    lines = train_lines(tmp_path)
-    assert lines[:3] == [lines[0], second, second] and len(lines) == 4 and len(set(lines)) == 3
+    assert train_lines(tmp_path) == [stages[2][0].id, second, second] and second == stages[2][1].id
     assert "resumed from" in (tmp_path / "runs" / second / "train.log").read_text()
     assert (tmp_path / "committed" / "sweep.md").read_text() == (slurm_sweep / "committed" / "sweep.md").read_text()
 
@@ -309,7 +453,7 @@ def test_a_killed_sweep_finishes_only_the_remaining_cells(slurm_sweep, tmp_path)
 def test_the_table_is_rebuilt_from_the_committed_files_alone(slurm_sweep, tmp_path):
     shutil.copytree(slurm_sweep / "committed", tmp_path / "committed")
     (tmp_path / "committed" / "sweep.md").unlink()
-    recipe = write_spec(tmp_path, grid=E2E_GRID)  # output_dir tmp_path/runs does not exist: no run directory at all
+    recipe = write_spec(tmp_path, **E2E)  # output_dir tmp_path/runs does not exist: no run directory at all
     for extra in (["--only-aggregate"], []):  # plain re-run: every cell done, test scored -> aggregates only
         check(run_job([sys.executable, SWEEP, "--recipe", recipe, *extra], 120))
         assert (tmp_path / "committed" / "sweep.md").read_text() == (slurm_sweep / "committed" / "sweep.md").read_text()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A validated sweep on SLURM: one array task per cell, the next step as a dependent job.
 #   bash launch/slurm/sweep.sh recipes/persona_smollm2_sweep.yaml
-# Submits the first stage with cells not done (the grid; then each `stages` entry, whose learning rate comes
-# from a selection) as a job array of launch/slurm/sweep_cell.sbatch (one cell per task:
+# Submits the first stage with cells not done (the grid; then, with confirm_seeds, the confirmation cells at
+# each grid method's selected lr; then each `stages` entry, whose learning rate comes from a selection) as a job
+# array of launch/slurm/sweep_cell.sbatch (one cell per task:
 # `launch/sweep.py --stage S --cell-index $SLURM_ARRAY_TASK_ID`), and launch/slurm/sweep_next.sbatch with
 # --dependency=afterok on the array. That job selects on validation and calls this script again for the next
 # stage (whose lr it can now read), or, with every cell done, runs `launch/sweep.py --recipe R`: test scoring

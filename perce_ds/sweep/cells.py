@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from perce_ds.errors import UserError
-from perce_ds.sweep.spec import LR_KEY, SEED_KEY, SweepSpec, base_recipe_text, dump_overrides, method_of
+from perce_ds.sweep.spec import (
+    CONFIRM_STAGE,
+    GRID_STAGE,
+    LR_KEY,
+    SEED_KEY,
+    SweepSpec,
+    base_recipe_text,
+    dump_overrides,
+    method_of,
+)
 
 DONE = "done.json"
 SMALL_FILES = ("config.yaml", "metrics.jsonl", "eval_metrics.jsonl", "best.json", "summary.json", "data_report.json")
@@ -36,7 +45,7 @@ class SweepError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class Cell:
-    stage: str  # "grid" or a stage's name
+    stage: str  # "grid", "confirm" or a stage's name
     overrides: tuple[tuple[str, Any], ...]  # the cell's own overrides, in order (after the sweep's common ones)
 
     @property
@@ -75,16 +84,24 @@ def method_label(method: dict[str, Any]) -> str:
 
 
 def cells_of_grid(spec: SweepSpec) -> list[Cell]:
-    """The grid's cells: every combination x seed, in recipe order (seeds innermost)."""
-    return [Cell("grid", tuple({**o, SEED_KEY: s}.items())) for o in spec.grid_overrides() for s in spec.seeds]
+    """The grid's cells: every combination x seed (of `seeds`), in recipe order (seeds innermost)."""
+    return [Cell(GRID_STAGE, tuple({**o, SEED_KEY: s}.items())) for o in spec.grid_overrides() for s in spec.seeds]
+
+
+def cells_of_confirmation(spec: SweepSpec, method: dict[str, Any], lr: float) -> list[Cell]:
+    """Grid method `method`'s confirmation cells at its selected `lr`: its grid combination at that lr with each of
+    `confirm_seeds`, keys in the grid's order, so each is the cell (id, hash) the grid would have had with that seed."""
+    return [Cell(CONFIRM_STAGE, tuple({**o, SEED_KEY: s}.items())) for o in spec.grid_overrides()
+            if method_of(o) == method and float(o[LR_KEY]) == lr for s in spec.confirm_seeds]  # fmt: skip
 
 
 def cells_of_stage(spec: SweepSpec, stage_index: int, selected_lr: dict[str, float]) -> list[Cell]:
-    """A later stage's cells at the selected lr of its `lr_from` method (selected_lr: method key -> lr)."""
+    """A later stage's cells at the selected lr of its `lr_from` method (selected_lr: method key -> lr), every seed
+    (`seeds` + `confirm_seeds`: the lr is fixed here, none is chosen)."""
     st = spec.stages[stage_index]
     lr = selected_lr[method_key(st.lr_from)]
     return [Cell(st.name, tuple({**st.lr_from, **v, LR_KEY: lr, SEED_KEY: s}.items()))
-            for v in st.variants for s in spec.seeds]  # fmt: skip
+            for v in st.variants for s in spec.all_seeds]  # fmt: skip
 
 
 def method_key(method: dict[str, Any]) -> str:

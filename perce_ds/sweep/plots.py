@@ -61,11 +61,13 @@ def learning_curves(spec: SweepSpec, methods: list[MethodSelection], root: Path,
 def frontier_points(
     spec: SweepSpec, methods: list[MethodSelection], root: Path
 ) -> dict[str, list[tuple[float, float, str]]]:
-    """method label -> [(other-token NLL, persona-token NLL, lr)] at each finished cell's best-validation step."""
+    """method label -> [(other-token NLL, persona-token NLL, lr)] at each finished cell's best-validation step
+    (confirmation cells included)."""
     points: dict[str, list[tuple[float, float, str]]] = {}
-    for m in methods:
-        for lr, entry in m.by_lr.items():
-            for cell_id in entry["runs"]:
+    for m in methods:  # the runs that chose the lr, then the confirmation runs at the selected one
+        runs = [(lr, entry["runs"]) for lr, entry in m.by_lr.items()] + [(m.selected_lr, m.confirm_runs)]
+        for lr, ids in runs:
+            for cell_id in ids:
                 d = root / spec.commit_dir / "cells" / cell_id
                 step = read_json(d / "best.json")["step"]
                 row = next((r for r in read_jsonl(d / "eval_metrics.jsonl") if r["step"] == step), {})

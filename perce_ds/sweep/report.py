@@ -104,7 +104,7 @@ def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any
              f"Base recipe `{spec.base}`; selection on the validation split by `{spec.select_metric}` "
              f"({'lower' if spec.select_mode == 'min' else 'higher'} is better): per method, the learning rate with the "
              "best mean over seeds of each run's best validation value, and each run's best validation checkpoint "
-             "(hf_best). The test split was scored once, after selection.", "",
+             "(hf_best). The test split was scored once, after selection.", *_confirm_note(spec), "",
              "## Validation selection", "", f"| method | stage | lr | mean best {spec.select_metric} | per seed (value @ step) |",
              "|---|---|---|---|---|"]  # fmt: skip
     for m in methods:
@@ -113,8 +113,9 @@ def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any
             continue
         for lr, entry in m.by_lr.items():
             mark = " **(selected)**" if lr == m.selected_lr else ""
-            seeds = ", ".join(f"s{r['seed']}: {r['value']:.4f} @ {r['step']}" for r in entry["runs"].values())
-            lines.append(f"| {m.label} | {m.stage} | {lr:g}{mark} | {entry['mean']:.4f} | {seeds} |")
+            lines.append(f"| {m.label} | {m.stage} | {lr:g}{mark} | {entry['mean']:.4f} | {_run_text(entry['runs'])} |")
+        if m.confirm:
+            lines.append(_confirm_row(m))
     if table is None:
         return "\n".join(lines) + "\n\nTest split: not scored yet (every cell must be done first).\n"
     base = table["base"]
@@ -140,12 +141,39 @@ def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any
     return "\n".join(lines) + "\n"
 
 
+def _confirm_note(spec: SweepSpec) -> list[str]:
+    """The seed protocol, stated under the header of a sweep with confirm_seeds (nothing otherwise)."""
+    if not spec.confirm_seeds:
+        return []
+    return [f"The learning rate is selected with seeds {spec.seeds} only; each grid method's selected lr is then "
+            f"trained with seeds {spec.confirm_seeds} (stage confirm: they do not change the choice), and the test "
+            "split scores all seeds at that lr. The recipe's stages train every seed at their lr_from method's lr."]  # fmt: skip
+
+
+def _run_text(runs: dict[str, Any]) -> str:
+    return ", ".join(f"s{r['seed']}: {r['value']:.4f} @ {r['step']}" for r in runs.values())
+
+
+def _confirm_row(m: MethodSelection) -> str:
+    """The selected lr over all seeds: the selecting runs with the confirmation runs (pending while one is not done)."""
+    if not m.complete:
+        done = f" ({_run_text(m.confirm_runs)} done)" if m.confirm_runs else ""
+        return f"| {m.label} | confirm | {m.selected_lr:g} | pending{done} | |"
+    runs = {**m.by_lr[m.selected_lr]["runs"], **m.confirm_runs}
+    mean = sum(r["value"] for r in runs.values()) / len(runs)
+    return f"| {m.label} | grid + confirm | {m.selected_lr:g} (all seeds) | {mean:.4f} | {_run_text(runs)} |"
+
+
 def write_report(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any] | None, root: Path) -> Path:
     """<commit_dir>/sweep.md and sweep.json; returns the Markdown's path."""
     out = root / spec.commit_dir
     out.mkdir(parents=True, exist_ok=True)
-    data = {"sweep": spec.name, "base_recipe": str(spec.base), "select": {"metric": spec.select_metric, "mode": spec.select_mode},
-            "methods": [m.to_dict() for m in methods], "test": table}  # fmt: skip
+    seeds = bool(spec.confirm_seeds)  # which seeds chose the lr and which confirmed it (recorded with confirm_seeds)
+    select: dict[str, Any] = {"metric": spec.select_metric, "mode": spec.select_mode}
+    if seeds:
+        select.update(seeds=spec.seeds, confirm_seeds=spec.confirm_seeds)
+    data = {"sweep": spec.name, "base_recipe": str(spec.base), "select": select,
+            "methods": [m.to_dict(seeds) for m in methods], "test": table}  # fmt: skip
     (out / "sweep.json").write_text(json.dumps(data, indent=2, sort_keys=True))
     (out / "sweep.md").write_text(render(spec, methods, table))
     return out / "sweep.md"

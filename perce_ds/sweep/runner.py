@@ -1,8 +1,11 @@
 """Driving a sweep: run its cells in order (sequentially, or one per SLURM array task), select, score, report.
 
-Stage 0 is the grid; stage k >= 1 is the recipe's k-th `stages` entry, whose cells exist once its `lr_from`
-method is selected (all its grid cells done). Nothing here queues jobs: cells are processes of launch/train.py
-and launch/evaluate.py; on a cluster SLURM runs them (launch/slurm/sweep.sh).
+Stages in order (spec.stage_names(); `--stage` is the index): 0 the grid; then, with `confirm_seeds`, the
+confirmation cells (each grid method's selected lr with each confirm seed; a method's exist once it is selected,
+all its grid cells done); then the recipe's `stages` entries, whose cells exist once their `lr_from` method is
+selected. Confirmation runs before the recipe's stages so that the grid methods' results are complete first.
+Nothing here queues jobs: cells are processes of launch/train.py and launch/evaluate.py; on a cluster SLURM runs
+them (launch/slurm/sweep.sh).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from typing import Any
 from perce_ds.errors import UserError
 from perce_ds.sweep import cost, plots, report, scoring
 from perce_ds.sweep.cells import Cell, SweepError, is_done, run_cell
-from perce_ds.sweep.select import MethodSelection, select_all
-from perce_ds.sweep.spec import SweepSpec, dump_overrides
+from perce_ds.sweep.select import MethodSelection, select_all, stage_lists
+from perce_ds.sweep.spec import CONFIRM_STAGE, GRID_STAGE, LR_KEY, SweepSpec, dump_overrides
 
 
 def child_env(root: Path) -> dict[str, str]:
@@ -43,7 +46,7 @@ def run_one(spec: SweepSpec, root: Path, stage: int, index: int) -> bool:
     """Run cell `index` of `stage` (a SLURM array task); False when it was already done."""
     cells = stage_cells(spec, root)
     if stage >= len(cells) or index >= len(cells[stage]):
-        raise SweepError(f"stage {stage} has no cell {index} (yet): its lr_from method may not be selected")
+        raise SweepError(f"stage {stage} has no cell {index} (yet): its learning rate may not be selected")
     return run_cell(spec, cells[stage][index], root, child_env(root))
 
 
@@ -51,10 +54,10 @@ def run_all(spec: SweepSpec, root: Path, log=print) -> None:
     """Every cell of every stage, in order, skipping finished ones; then test scoring and the report."""
     env = child_env(root)
     check_configs(spec, root)
-    for stage in range(len(spec.stages) + 1):
+    for stage in range(len(spec.stage_names())):
         cells = stage_cells(spec, root)[stage]
         if not cells:
-            raise SweepError(f"stage {stage}: no cells (its lr_from method is not selected: a grid cell failed?)")
+            raise SweepError(f"stage {stage}: no cells (its grid method is not selected: a grid cell failed?)")
         for i, cell in enumerate(cells):
             log(f"[stage {stage} cell {i + 1}/{len(cells)}] {cell.id}")
             log("  done, skipped" if not run_cell(spec, cell, root, env) else "  finished")
@@ -63,8 +66,8 @@ def run_all(spec: SweepSpec, root: Path, log=print) -> None:
 
 def check_configs(spec: SweepSpec, root: Path) -> None:
     """Resolve every cell's config before training any (a typo in a later stage fails now, not hours later)."""
-    methods, stages = select_all(spec, root)
-    for cells in _placeholder_stages(spec, methods, stages):
+    methods, _ = select_all(spec, root)
+    for cells in _placeholder_stages(spec, methods):
         for c in cells:
             try:
                 cost.cell_config(spec, c, root)
@@ -76,7 +79,7 @@ def aggregate(spec: SweepSpec, root: Path, score: bool, log=print) -> dict[str, 
     """Select on validation, score test once (when `score` and not yet scored), write the table and plots."""
     methods, _ = select_all(spec, root)
     table = None
-    if all(m.selected_lr is not None for m in methods):
+    if all(m.complete for m in methods):
         if not scoring.test_scored(spec, methods, root):
             if not score:
                 raise SweepError(f"every cell is done but the test split is not scored yet ({spec.commit_dir}/"
@@ -85,7 +88,7 @@ def aggregate(spec: SweepSpec, root: Path, score: bool, log=print) -> dict[str, 
             scoring.score_test(spec, methods, root)
         table = report.test_table(spec, methods, root)
     else:
-        log("not every method is selected yet: the table shows validation only")
+        log("not every method is selected (and confirmed) yet: the table shows validation only")
     md = report.write_report(spec, methods, table, root)
     out = root / spec.commit_dir
     for name, made in (("learning_curves.png", plots.learning_curves(spec, methods, root, out / "learning_curves.png")),
@@ -101,22 +104,25 @@ def dry_run(spec: SweepSpec, root: Path) -> str:
     the first grid lr and marked pending."""
     methods, stages = select_all(spec, root)
     measured = cost.measured_step_seconds(spec, [c for cs in stages for c in cs], root)
-    lines = [f"sweep {spec.name}: base {spec.base}, {spec.num_gpus} process(es), seeds {spec.seeds}",
+    confirm = f", confirm seeds {spec.confirm_seeds}" if spec.confirm_seeds else ""
+    lines = [f"sweep {spec.name}: base {spec.base}, {spec.num_gpus} process(es), seeds {spec.seeds}{confirm}",
              f"common overrides: {dump_overrides(spec.overrides)}", ""]  # fmt: skip
     total = remaining = 0.0
-    placeholder = _placeholder_stages(spec, methods, stages)
-    for s, cells in enumerate(placeholder):
-        name = "grid" if s == 0 else f"stage {spec.stages[s - 1].name}"
-        lr_note = (
-            ""
-            if s == 0 or stages[s]
-            else " (lr pending: selected from "
-            + dump_overrides(spec.stages[s - 1].lr_from)
-            + "; estimated at the first grid lr)"
-        )
-        lines.append(f"{name}: {len(cells)} cells{lr_note}")
+    placeholder = _placeholder_stages(spec, methods)
+    first = len(stages) - len(spec.stages)  # the index of the recipe's first stage
+    for s, (name, cells) in enumerate(zip(spec.stage_names(), placeholder)):
+        known = set(stages[s])  # the others wait for a selection: listed at the first grid lr, marked pending
+        lr_note = ""
+        if name == CONFIRM_STAGE and len(known) < len(cells):
+            waiting = len(cells) - len(known)
+            lr_note = f" ({waiting} waiting for their grid method's selected lr; estimated at the first grid lr)"
+        elif s >= first and not known:
+            source = dump_overrides(spec.stages[s - first].lr_from)
+            lr_note = f" (lr pending: selected from {source}; estimated at the first grid lr)"
+        title = name if name in (GRID_STAGE, CONFIRM_STAGE) else f"stage {name}"
+        lines.append(f"{title}: {len(cells)} cells{lr_note}")
         for c in cells:
-            state = "done" if stages[s] and is_done(spec, c, root) else ("todo" if stages[s] else "pending")
+            state = ("done" if is_done(spec, c, root) else "todo") if c in known else "pending"
             try:
                 est = cost.estimate(spec, c, root, measured)
             except UserError as e:  # listed, not hidden: the cell would fail the same way when it runs
@@ -133,12 +139,8 @@ def dry_run(spec: SweepSpec, root: Path) -> str:
     return "\n".join(lines)
 
 
-def _placeholder_stages(spec: SweepSpec, methods: list[MethodSelection], stages: list[list[Cell]]) -> list[list[Cell]]:
-    """Stages as they are, with not-yet-selected ones filled in at the first grid lr (for the estimate only)."""
-    from perce_ds.sweep.cells import cells_of_stage, method_key
-
-    first_lr = spec.grid.get("train.lr", [None])[0]
-    out = [stages[0]]
-    for i in range(len(spec.stages)):
-        out.append(stages[i + 1] or cells_of_stage(spec, i, {method_key(spec.stages[i].lr_from): first_lr}))
-    return out
+def _placeholder_stages(spec: SweepSpec, methods: list[MethodSelection]) -> list[list[Cell]]:
+    """The stages as they will be: select_all's lists, plus the cells of grid methods not selected yet at the
+    first grid lr (for the estimate only)."""
+    lr_of = {m.key: m.selected_lr for m in methods if m.stage == GRID_STAGE}
+    return stage_lists(spec, lr_of, fill_lr=spec.grid.get(LR_KEY, [None])[0])

@@ -105,8 +105,8 @@ def scored(spec: SweepSpec, dest: Path) -> bool:
 
 def score_test(spec: SweepSpec, methods: list[MethodSelection], root: Path) -> None:
     """Score every selected run's hf_best and the starting model on test (once), then write the marker."""
-    if any(m.selected_lr is None for m in methods):
-        raise SweepError("test scoring needs every method selected (all cells done)")
+    if not all(m.complete for m in methods):
+        raise SweepError("test scoring needs every method selected and confirmed (all cells done)")
     first = methods[0].selected[0]
     done = []
     for m in methods:

@@ -4,7 +4,8 @@
     base: recipes/persona_smollm2.yaml     # the training recipe every cell starts from
     overrides: {train.epochs: 3}           # applied to every cell (before the grid's keys)
     grid: {loss.scheme: [ce, perce], train.lr: [1.0e-5, 3.0e-5, 1.0e-4]}   # every combination, in this order
-    seeds: [1, 2]                          # train.seed of each cell
+    seeds: [1, 2]                          # train.seed of each grid cell: the learning rate is selected from these
+    confirm_seeds: []                      # optional: each grid method's selected lr trained again with these seeds
     stages:                                # run after the grid, at a method's selected learning rate
       - name: perce_knobs
         lr_from: {loss.scheme: perce}      # the grid method whose selected train.lr these cells take
@@ -18,6 +19,14 @@
     cost: {step_seconds: 0.5, eval_seconds: 30, startup_seconds: 30}   # --dry-run's figures before a cell ran
 
 Paths are relative to the repository root. A method is a cell's overrides without train.lr and train.seed.
+
+`confirm_seeds` (default none; integers, none of them in `seeds`) splits the seeds in two: the grid trains every
+learning rate with `seeds` only and each grid method's lr is chosen from those runs alone, then the "confirm"
+stage trains the selected lr with each confirm seed (the cell the grid would have had with that seed: same id and
+config hash). The lr cannot change when these finish; the method's result (test, table) is all seeds at that lr,
+complete once they are done. Pipeline order: grid, confirm, then `stages`. A stage's cells take its lr_from method's lr as
+soon as it is selected (they do not wait for confirmation) and train every seed, `seeds` + `confirm_seeds`: no lr
+is chosen there, so no seed is set aside for choosing it.
 """
 
 from __future__ import annotations
@@ -32,8 +41,9 @@ import yaml
 from perce_ds.errors import UserError
 
 LR_KEY, SEED_KEY = "train.lr", "train.seed"
-TOP_KEYS = {"name", "base", "overrides", "grid", "seeds", "stages", "select", "evaluate", "num_gpus", "deepspeed",
-            "output_dir", "commit_dir", "cost"}  # fmt: skip
+GRID_STAGE, CONFIRM_STAGE = "grid", "confirm"  # the names of the pipeline's own stages (before the recipe's)
+TOP_KEYS = {"name", "base", "overrides", "grid", "seeds", "confirm_seeds", "stages", "select", "evaluate",
+            "num_gpus", "deepspeed", "output_dir", "commit_dir", "cost"}  # fmt: skip
 SELECT_METRICS = {"eval_ce": "min", "rougeL": "max", "meteor": "max"}
 
 
@@ -58,6 +68,7 @@ class SweepSpec:
     overrides: dict[str, Any]
     grid: dict[str, list[Any]]
     seeds: list[int]
+    confirm_seeds: list[int] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)
     select_metric: str = "eval_ce"
     select_mode: str = "min"
@@ -70,6 +81,15 @@ class SweepSpec:
     step_seconds: float | None = None
     eval_seconds: float = 60.0
     startup_seconds: float = 30.0
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """Every seed a method's result has: the selection seeds, then the confirmation seeds."""
+        return [*self.seeds, *self.confirm_seeds]
+
+    def stage_names(self) -> list[str]:
+        """The pipeline's stages in order (index = `--stage`): the grid, confirmation when any, the recipe's."""
+        return [GRID_STAGE, *([CONFIRM_STAGE] if self.confirm_seeds else []), *(st.name for st in self.stages)]
 
     def grid_overrides(self) -> list[dict[str, Any]]:
         """Every combination of the grid's values (keys in the recipe's order), without the seed."""
@@ -137,12 +157,17 @@ def load_spec(path: str | Path, root: Path) -> SweepSpec:
     grid = {k: [_number(v) for v in values] for k, values in grid.items()}
     if SEED_KEY in grid:
         raise SweepSpecError(f"{path}: grid: give the seeds with `seeds:`, not {SEED_KEY}")
-    seeds = raw.get("seeds", [42])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise SweepSpecError(f"{path}: seeds must be a non-empty list of integers")
+    seeds = _seeds(raw.get("seeds", [42]), f"{path}: seeds", allow_empty=False)
+    confirm = raw.get("confirm_seeds")
+    confirm_seeds = _seeds([] if confirm is None else confirm, f"{path}: confirm_seeds", allow_empty=True)
+    if set(seeds) & set(confirm_seeds):
+        raise SweepSpecError(f"{path}: confirm_seeds {sorted(set(seeds) & set(confirm_seeds))} are also in seeds: "
+                             "a confirmation seed must be one the selection did not see; remove it from one list")  # fmt: skip
+    if confirm_seeds and LR_KEY not in grid:
+        raise SweepSpecError(f"{path}: confirm_seeds confirm a selected learning rate: put {LR_KEY} in the grid")
     name = raw.get("name") or path.stem.removesuffix("_sweep")
     spec = SweepSpec(path=path, name=name, base=Path(raw["base"]), overrides=_dotted(raw.get("overrides"), f"{path}: overrides"),
-                     grid=grid, seeds=seeds, num_gpus=int(raw.get("num_gpus", 1)),
+                     grid=grid, seeds=seeds, confirm_seeds=confirm_seeds, num_gpus=int(raw.get("num_gpus", 1)),
                      deepspeed=Path(raw.get("deepspeed", "ds_configs/zero3.json")),
                      output_dir=Path(raw.get("output_dir", f"runs/sweeps/{name}")),
                      commit_dir=Path(raw.get("commit_dir", f"benchmarks/sweeps/{name}")))  # fmt: skip
@@ -157,6 +182,8 @@ def load_spec(path: str | Path, root: Path) -> SweepSpec:
         where = f"{path}: stages[{i}]"
         if not isinstance(st, dict) or not {"name", "lr_from", "variants"} <= set(st):
             raise SweepSpecError(f"{where}: needs name, lr_from and variants")
+        if str(st["name"]) in (GRID_STAGE, CONFIRM_STAGE):
+            raise SweepSpecError(f"{where}: name {st['name']!r} is the sweep's own stage; choose another name")
         if LR_KEY not in grid:
             raise SweepSpecError(f"{where}: lr_from needs {LR_KEY} in the grid")
         lr_from = _dotted(st["lr_from"], f"{where}.lr_from")
@@ -167,6 +194,15 @@ def load_spec(path: str | Path, root: Path) -> SweepSpec:
             raise SweepSpecError(f"{where}: variants must be non-empty mappings without {LR_KEY} / {SEED_KEY}")
         spec.stages.append(Stage(str(st["name"]), lr_from, variants))
     return spec
+
+
+def _seeds(value: Any, where: str, allow_empty: bool) -> list[int]:
+    """A list of distinct integer seeds (a YAML `true` is not a seed)."""
+    ok = isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    if not ok or (not value and not allow_empty) or len(set(value)) != len(value):
+        kind = "a list" if allow_empty else "a non-empty list"
+        raise SweepSpecError(f"{where}: must be {kind} of distinct integers, got {value!r}")
+    return value
 
 
 def _read_select(spec: SweepSpec, raw: dict[str, Any], path: Path) -> None:
