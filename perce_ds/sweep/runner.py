@@ -93,7 +93,9 @@ def aggregate(spec: SweepSpec, root: Path, score: bool, log=print) -> dict[str, 
     out = root / spec.commit_dir
     for name, made in (("learning_curves.png", plots.learning_curves(spec, methods, root, out / "learning_curves.png")),
                        ("frontier.png", plots.frontier(spec, methods, root, out / "frontier.png"))):  # fmt: skip
-        log(f"wrote {out / name}" if made else f"{name}: no per-class validation NLL in eval_metrics.jsonl, skipped")
+        why = ("no method is selected yet (its cells are not all done)" if not any(m.selected for m in methods)
+               else "no per-class validation NLL in the selected runs' eval_metrics.jsonl")  # fmt: skip
+        log(f"wrote {out / name}" if made else f"{name}: skipped, {why}")
     log(md.read_text())
     log(f"wrote {md} and {out / 'sweep.json'}")
     return {"methods": methods, "table": table}
