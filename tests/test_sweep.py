@@ -22,9 +22,9 @@ import yaml
 from perce_ds.best import KeepBest, adapter_dir
 from perce_ds.checkpoint import consolidated_lm_weights
 from perce_ds.errors import UserError
-from perce_ds.sweep import bootstrap
+from perce_ds.sweep import bootstrap, targets
 from perce_ds.sweep.cells import DONE, SweepError, cell_id, cells_of_grid, committed_dir, config_hash, is_done
-from perce_ds.sweep.select import select_all, stage_lists
+from perce_ds.sweep.select import MethodSelection, select_all, stage_lists
 from perce_ds.sweep.spec import SweepSpecError, load_spec
 from tests.launch_utils import ROOT, check, launch_env, load_safetensors, run_job
 
@@ -266,6 +266,46 @@ def test_user_bootstrap_includes_the_seeds():
     assert one_seed["ci_high"] - one_seed["ci_low"] < 0.1
     assert two["diff"] == pytest.approx(per_user.mean() + 0.5)
     assert two["ci_low"] < per_user.mean() + 0.1 and two["ci_high"] > per_user.mean() + 0.9
+
+
+def test_targets_judge_the_best_validated_challenger_not_the_best_on_test(tmp_path):
+    """The challenger is chosen on validation (all seeds at the selected lr), never by its test numbers; each
+    target reads the table's paired interval: persona NLL needs the upper end < 0, other NLL +5 % at most, the
+    generation scores an upper end >= 0; a row the table lacks is n/a."""
+    spec = load_spec(write_spec(tmp_path), ROOT)
+
+    def method(label: str, values: list[float]) -> MethodSelection:
+        m = MethodSelection(label, label, {}, "grid", selected_lr=1e-5)
+        m.by_lr = {1e-5: {"runs": {f"{label}-s{i}": {"seed": i, "value": v, "step": 4} for i, v in enumerate(values)}}}
+        return m
+
+    ce, perce, knob = method("ce", [1.0, 1.0]), method("perce", [0.90, 0.94]), method("perce_knob", [0.95, 0.95])
+    assert targets.challenger(spec, [ce, perce, knob]) is perce  # mean 0.92 < 0.95 on validation
+
+    def vs(diff: float, lo: float, hi: float, rel: float) -> dict:
+        return {"diff": diff, "ci_low": lo, "ci_high": hi, "rel": rel}
+
+    def row(metric: str, cls: str | None, perce_d: dict, knob_d: dict) -> dict:
+        return {"metric": metric, "class": cls, "methods": {"ce": {}, "perce": {"vs_base": perce_d},
+                                                            "perce_knob": {"vs_base": knob_d}}}  # fmt: skip
+
+    great = vs(-1.0, -1.2, -0.8, -0.5)  # the knob wins everything on test: it must not be judged for that
+    table = {"base": "ce", "rows": [
+        row("nll", "persona", vs(-0.2, -0.3, -0.1, -0.2), great),
+        row("nll", "other", vs(0.06, 0.02, 0.1, 0.06), great),
+        row("rougeL", None, vs(-0.01, -0.03, 0.0, -0.02), great),
+        row("meteor", None, vs(-0.02, -0.04, -0.001, -0.04), great),
+    ]}  # fmt: skip
+    result = targets.judge(spec, [ce, perce, knob], table)
+    assert result["challenger"] == "perce"
+    assert [t["met"] for t in result["targets"]] == [True, False, True, False]
+    text = "\n".join(targets.render(result, "eval_ce"))
+    assert "**perce**" in text and "+6.0 %" in text and text.count("**no**") == 2
+    # Data without persona spans (commit subjects): the NLL targets are n/a, the generation ones still judged
+    spanless = {"base": "ce", "rows": table["rows"][2:]}
+    assert [t["met"] for t in targets.judge(spec, [ce, perce, knob], spanless)["targets"]] == [None, None, True, False]
+    # A tie on validation goes to the earlier method
+    assert targets.challenger(spec, [ce, method("a", [0.9]), method("b", [0.9])]).label == "a"
 
 
 # ------------------------------------------------------------------ train.keep_best (fast)

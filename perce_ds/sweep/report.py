@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from perce_ds.sweep import targets
 from perce_ds.sweep.bootstrap import __doc__ as INTERVAL_METHOD
 from perce_ds.sweep.bootstrap import paired_user_bootstrap, per_user, point, user_index
 from perce_ds.sweep.cells import SweepError, committed_dir, read_json, read_jsonl
@@ -83,7 +84,9 @@ def test_table(spec: SweepSpec, methods: list[MethodSelection], root: Path, n_re
                 entry["vs_base"] = paired_user_bootstrap(sums[base], sums[m.label], n_resamples)
             row["methods"][m.label] = entry
         rows.append(row)
-    return {"rows": rows, "base": base, "n_users": len(users), "n_records": len(ids)}
+    table = {"rows": rows, "base": base, "n_users": len(users), "n_records": len(ids)}
+    table["targets"] = targets.judge(spec, methods, table)
+    return table
 
 
 def _name(row: dict[str, Any]) -> str:
@@ -138,6 +141,7 @@ def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any
         f"Differences: method - {base} (mean over each method's seeds), 95 % interval:"
         + INTERVAL_METHOD.split("\n", 1)[1],
     ]
+    lines += targets.render(table["targets"], spec.select_metric)
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +163,7 @@ def _confirm_row(m: MethodSelection) -> str:
     if not m.complete:
         done = f" ({_run_text(m.confirm_runs)} done)" if m.confirm_runs else ""
         return f"| {m.label} | confirm | {m.selected_lr:g} | pending{done} | |"
-    runs = {**m.by_lr[m.selected_lr]["runs"], **m.confirm_runs}
+    runs = m.selected_runs()
     mean = sum(r["value"] for r in runs.values()) / len(runs)
     return f"| {m.label} | grid + confirm | {m.selected_lr:g} (all seeds) | {mean:.4f} | {_run_text(runs)} |"
 

@@ -45,6 +45,12 @@ class MethodSelection:
     lr_chosen_by_seeds: list[int] = field(default_factory=list)
     fixed_lr_seeds: list[int] = field(default_factory=list)  # seeds trained at an lr chosen without them
 
+    def selected_runs(self) -> dict[str, dict[str, Any]]:
+        """The selected lr's runs of every seed (grid and done confirmation runs): cell id -> {seed, value, step}."""
+        if self.selected_lr is None:
+            return {}
+        return {**self.by_lr[self.selected_lr]["runs"], **self.confirm_runs}
+
     def to_dict(self, seeds: bool = False) -> dict[str, Any]:
         """The method's record in sweep.json; `seeds` (a sweep with confirm_seeds) adds which seeds chose the lr,
         which were trained at it afterwards, their validation values, and whether all are done."""
