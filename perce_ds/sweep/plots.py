@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from perce_ds.sweep.cells import Cell, committed_dir, read_json, read_jsonl
+from perce_ds.sweep.cells import Cell, committed_dir, read_jsonl
 from perce_ds.sweep.select import MethodSelection
 from perce_ds.sweep.spec import SweepSpec
 
@@ -66,11 +66,10 @@ def frontier_points(
     points: dict[str, list[tuple[float, float, str]]] = {}
     for m in methods:  # the runs that chose the lr, then the confirmation runs at the selected one
         runs = [(lr, entry["runs"]) for lr, entry in m.by_lr.items()] + [(m.selected_lr, m.confirm_runs)]
-        for lr, ids in runs:
-            for cell_id in ids:
+        for lr, by_id in runs:
+            for cell_id, run in by_id.items():  # run["step"]: its best validation step, read by select.run_value
                 d = root / spec.commit_dir / "cells" / cell_id
-                step = read_json(d / "best.json")["step"]
-                row = next((r for r in read_jsonl(d / "eval_metrics.jsonl") if r["step"] == step), {})
+                row = next((r for r in read_jsonl(d / "eval_metrics.jsonl") if r["step"] == run["step"]), {})
                 if row.get("eval_nll_other") is not None and row.get("eval_nll_persona") is not None:
                     points.setdefault(m.label, []).append((row["eval_nll_other"], row["eval_nll_persona"], f"{lr:g}"))
     return points

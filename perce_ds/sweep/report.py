@@ -163,9 +163,7 @@ def _confirm_row(m: MethodSelection) -> str:
     if not m.complete:
         done = f" ({_run_text(m.confirm_runs)} done)" if m.confirm_runs else ""
         return f"| {m.label} | confirm | {m.selected_lr:g} | pending{done} | |"
-    runs = m.selected_runs()
-    mean = sum(r["value"] for r in runs.values()) / len(runs)
-    return f"| {m.label} | grid + confirm | {m.selected_lr:g} (all seeds) | {mean:.4f} | {_run_text(runs)} |"
+    return f"| {m.label} | grid + confirm | {m.selected_lr:g} (all seeds) | {m.selected_mean():.4f} | {_run_text(m.selected_runs())} |"
 
 
 def write_report(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any] | None, root: Path) -> Path:

@@ -51,6 +51,11 @@ class MethodSelection:
             return {}
         return {**self.by_lr[self.selected_lr]["runs"], **self.confirm_runs}
 
+    def selected_mean(self) -> float | None:
+        """Mean of the best validation values of the selected lr's runs (all seeds done so far)."""
+        runs = self.selected_runs()
+        return sum(r["value"] for r in runs.values()) / len(runs) if runs else None
+
     def to_dict(self, seeds: bool = False) -> dict[str, Any]:
         """The method's record in sweep.json; `seeds` (a sweep with confirm_seeds) adds which seeds chose the lr,
         which were trained at it afterwards, their validation values, and whether all are done."""

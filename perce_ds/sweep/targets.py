@@ -26,16 +26,10 @@ TARGETS: tuple[tuple[str, str | None, str, Callable[[dict[str, Any]], bool]], ..
 )
 
 
-def validation_mean(m: MethodSelection) -> float | None:
-    """Mean of the best validation values of a selected method's runs at its selected lr (all seeds)."""
-    runs = m.selected_runs()
-    return sum(r["value"] for r in runs.values()) / len(runs) if runs else None
-
-
 def challenger(spec: SweepSpec, methods: list[MethodSelection]) -> MethodSelection | None:
     """The best-validated method other than the baseline (ties: the earlier method)."""
     sign = 1.0 if spec.select_mode == "min" else -1.0
-    scored = [(sign * v, i, m) for i, m in enumerate(methods[1:]) if (v := validation_mean(m)) is not None]
+    scored = [(sign * v, i, m) for i, m in enumerate(methods[1:]) if (v := m.selected_mean()) is not None]
     return min(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
 
 
@@ -53,7 +47,7 @@ def judge(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any]
         if d is not None and d["diff"] is not None:
             entry.update(d, met=bool(test(d)))
         out.append(entry)
-    values = {m.label: validation_mean(m) for m in methods}
+    values = {m.label: m.selected_mean() for m in methods}
     return {"challenger": best.label, "baseline": table["base"], "validation": values, "targets": out}
 
 
