@@ -208,6 +208,9 @@ class TrainConfig:
     # improves: the early-stopping checkpoint a validated sweep selects; "" = off
     keep_best: str = ""
     keep_best_mode: Literal["min", "max"] = "min"  # min: lower is better (NLL); max: higher (accuracy)
+    # early stopping: end the run (as finished) once keep_best's metric has not improved for this many
+    # evaluations (steps since the best >= patience x eval_every); needs keep_best and eval_every; 0 = off
+    keep_best_patience: int = 0
     max_nonfinite_steps: int = 3  # consecutive refused steps before the run stops
     export_hf: bool = True
     save_init_model: bool = False  # export the starting model to <run>/hf_init (before/after insight)
@@ -300,9 +303,15 @@ class RunConfig:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
         if self.loss.warn_no_personal_steps < 0:
             raise ConfigError(f"loss.warn_no_personal_steps must be >= 0, got {self.loss.warn_no_personal_steps}")
-        for key in ("max_steps", "save_every", "eval_every", "max_nonfinite_steps", "stop_after"):
+        for key in ("max_steps", "save_every", "eval_every", "max_nonfinite_steps", "stop_after", "keep_best_patience"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
+        if self.train.keep_best_patience and not (self.train.keep_best and self.train.eval_every):
+            raise ConfigError(
+                f"train.keep_best_patience={self.train.keep_best_patience} counts evaluations without improvement of "
+                "train.keep_best's metric: set train.keep_best (e.g. eval_ce) and train.eval_every too, or set the "
+                "patience to 0"
+            )
         if self.data.max_length < 8 or self.data.max_profile_tokens < 0:
             raise ConfigError("data.max_length must be >= 8 and data.max_profile_tokens >= 0")
         if len(self.train.adam_betas) != 2:

@@ -40,6 +40,7 @@ from perce_ds.model import (
     PerceLM,
     build_causal_lm,
     check_packing_kernel,
+    hidden_size,
     resolve_attn_implementation,
     resolve_dtype,
 )
@@ -118,15 +119,15 @@ class Trainer:
             self._write_run_files()
             self._maybe_resume()
         t = cfg.train
-        self.best = KeepBest(self.run_dir, t.keep_best, t.keep_best_mode, resuming=self.start_step > 0)
+        self.best = KeepBest(self.run_dir, t.keep_best, t.keep_best_mode, self.start_step > 0, t.keep_best_patience,
+                             t.eval_every)  # fmt: skip
 
     # ---------------------------------------------------------------- setup
     def _build_engine(self, ds_config_path: str | Path) -> tuple[Any, PerceLM]:
         import deepspeed
-        from transformers import AutoConfig
         from transformers.integrations import HfDeepSpeedConfig
 
-        hidden = self._hidden_size(AutoConfig)
+        hidden = hidden_size(self.cfg.model)
         self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), self.cfg, self.world, hidden, self.dtype)
         self.resume_from = (
             None if self.inference_only else checkpoint.resume_point(self.ckpt_root, self.cfg.train.resume, self.world)
@@ -153,12 +154,6 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg, self.total_steps)),
         )
         return engine, module
-
-    def _hidden_size(self, auto_config: Any) -> int:
-        m = self.cfg.model
-        if m.config is not None:
-            return int(m.config.get("hidden_size", 1024))
-        return int(getattr(auto_config.from_pretrained(m.name_or_path), "hidden_size", 1024))
 
     def _write_run_files(self) -> None:
         if not self.is_rank0:
@@ -356,7 +351,8 @@ class Trainer:
         """Run from start_step to total_steps; checkpoint, evaluate, export, and return a summary.
 
         Ends early (with a checkpoint, summary["stopped"] set) on train.stop_after, on SIGUSR1/SIGTERM
-        or when train.max_wall_time is spent; the latter two ask the launcher to requeue the job.
+        or when train.max_wall_time is spent; the latter two ask the launcher to requeue the job. Early stopping
+        (train.keep_best_patience) ends it as finished, at the evaluation that spent the patience.
         """
         from tqdm import tqdm
 
@@ -369,10 +365,12 @@ class Trainer:
             end = min(end, self.start_step + self.cfg.train.stop_after)
         last: dict[str, float | None] = {}
         step = self.start_step
+        evaluation: dict[str, Any] | None = None  # the last evaluation when the patience ran out (early stop)
+        early = self.best.patience_spent(step)  # a resumed run that had stopped early
         with tqdm(
             total=self.total_steps, initial=step, disable=not self.is_rank0, desc="train", dynamic_ncols=True
         ) as bar:
-            while step < end:
+            while step < end and not early:
                 result = self.train_step(step)
                 step += 1
                 bar.update(1)
@@ -383,26 +381,29 @@ class Trainer:
                         self.ce_watch.update(step, result.metrics.get("personal_ratio"))
                     bar.set_postfix(loss=f"{last['loss']:.4f}" if last.get("loss") is not None else "n/a")
                 if self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0 and step < self.total_steps:
-                    self._evaluate_and_log(step)  # the final one comes after the loop
+                    evaluation = self._evaluate_and_log(step)  # the final one comes after the loop
+                    early = self.best.patience_spent(step)
                 if any_rank(stop.requested(), self.device):
                     break
-                if self.cfg.train.save_every and step % self.cfg.train.save_every == 0 and step < end:
+                if self.cfg.train.save_every and step % self.cfg.train.save_every == 0 and step < end and not early:
                     self.save(step)
         if step > self.start_step or not checkpoint.complete_checkpoints(self.ckpt_root):
             self.save(step)
-        if step < self.total_steps:
+        if early:
+            log.info("early stop at step %d: %s last improved at step %d", step, self.best.metric, self.best.step)
+        elif step < self.total_steps:
             reason = stop.reason or "train.stop_after"
             log.warning(
                 "stopped at step %d of %d (%s); resume with --train.resume auto", step, self.total_steps, reason
             )
             self.metrics.close()
             return self._summary(last) | {"stopped": reason, "stopped_at": step, "requeue": stop.reason is not None}
-        evaluation = self._evaluate_and_log(step)
+        evaluation = evaluation if early and evaluation is not None else self._evaluate_and_log(step)
         if self.cfg.train.final_generation_eval and self.data.eval:
             evaluation |= self._generation_eval()
         if self.cfg.train.export_hf:
             self._export_hf("hf")
-        summary = self._summary(last)
+        summary = self._summary(last) | ({"early_stopped_at": step, "best_step": self.best.step} if early else {})
         summary["eval"] = evaluation
         if self.is_rank0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -418,10 +419,10 @@ class Trainer:
         evaluation = self.evaluate()
         if evaluation:  # no eval split: nothing to log
             self.metrics.log(step, evaluation, split="eval")
-        if not self.inference_only and self.best.improves(evaluation):  # the same values on every rank
+        if not self.inference_only and self.best.update(step, evaluation):  # the same values on every rank
             self._export_hf("hf_best.tmp")
             if self.is_rank0:
-                self.best.commit(step, evaluation, self.run_dir / "hf_best.tmp")
+                self.best.commit(self.run_dir / "hf_best.tmp")
         return evaluation
 
     def _generation_eval(self) -> dict[str, Any]:

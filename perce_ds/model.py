@@ -71,6 +71,16 @@ def resolve_dtype(requested: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
 
 
+def hidden_size(cfg: ModelConfig) -> int:
+    """The model's hidden size (DeepSpeed's ZeRO-3 bucket sizes follow it): from model.config or the pretrained
+    folder's config.json; 1024 when the architecture does not name one."""
+    if cfg.config is not None:
+        return int(cfg.config.get("hidden_size", 1024))
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(cfg.name_or_path), "hidden_size", 1024))
+
+
 def build_causal_lm(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
     """The HF causal LM, pretrained or from `cfg.config`.
 

@@ -163,6 +163,17 @@ def test_wrong_types_name_the_key(recipe, override, key):
         RunConfig.load(recipe, [override])
 
 
+def test_keep_best_patience_needs_the_metric_and_evaluations(recipe):
+    with pytest.raises(ConfigError, match="train.keep_best_patience=2.*train.keep_best"):
+        RunConfig.load(recipe, ["train.keep_best_patience=2", "train.eval_every=4"])
+    with pytest.raises(ConfigError, match="train.keep_best_patience=2.*train.eval_every"):
+        RunConfig.load(recipe, ["train.keep_best_patience=2", "train.keep_best=eval_ce", "train.eval_every=0"])
+    with pytest.raises(ConfigError, match="train.keep_best_patience must be >= 0"):
+        RunConfig.load(recipe, ["train.keep_best_patience=-1"])
+    cfg = RunConfig.load(recipe, ["train.keep_best_patience=2", "train.keep_best=eval_ce", "train.eval_every=4"])
+    assert cfg.train.keep_best_patience == 2
+
+
 def test_literal_error_lists_choices(recipe):
     with pytest.raises(ConfigError) as exc:
         RunConfig.load(recipe, ["model.attn_implementation=foo"])

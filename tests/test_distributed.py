@@ -152,6 +152,39 @@ def test_resume_reproduces_straight_run_and_export_reproduces_engine_loss(setup)
     assert (hf / "README.md").read_text().count("perce") >= 1
 
 
+def test_keep_best_on_two_ranks_and_early_stopping(setup):
+    """keep_best on 2 ranks past an evaluation that does not improve (before the fix, rank 1 entered the export's
+    all-gather alone there and the job hung), with train.keep_best_patience 2: the run ends as finished at the
+    second evaluation in a row without improvement, and a re-run trains no further. Mode max on eval_ce: training
+    lowers eval_ce, so evaluations stop improving early."""
+    runs = setup["root"] / "runs"
+    common = {"max_steps": 12, "lr": 3e-3, "lr_scheduler": "cosine", "max_grad_norm": 1.0, "eval_every": 1,
+              "keep_best": "eval_ce", "keep_best_mode": "max", "keep_best_patience": 2}  # fmt: skip
+    check(train(setup["root"], recipe(setup, "early", **common), 2, setup["adam"]))
+    run = runs / "early"
+    evals = read_jsonl(run / "eval_metrics.jsonl")
+    best_step, best, stop = None, float("-inf"), None
+    for row in evals:  # the rule, replayed on the logged values
+        if row["eval_ce"] > best:
+            best_step, best = row["step"], row["eval_ce"]
+        elif row["step"] - best_step >= 2:
+            stop = row["step"]
+            break
+    assert stop is not None and stop < common["max_steps"], [(r["step"], r["eval_ce"]) for r in evals]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["early_stopped_at"], summary["best_step"]) == (stop, best_step)
+    assert json.loads((run / "best.json").read_text())["step"] == best_step
+    assert [r["step"] for r in evals] == list(range(1, stop + 1))  # the stopping evaluation is the final one
+    assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == stop
+    assert (run / "hf" / "config.json").is_file() and (run / "hf_best" / "config.json").is_file()
+    assert (run / "checkpoints" / f"step_{stop}").is_dir()
+    # A re-run (resume auto) finds the patience spent at its checkpoint: no step is trained
+    proc = check(train(setup["root"], recipe(setup, "early", **common), 2, setup["adam"]))
+    assert "resumed from" in proc.stderr and "early stop" in proc.stderr
+    assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == stop
+    assert {r["step"] for r in read_jsonl(run / "eval_metrics.jsonl")} == set(range(1, stop + 1))
+
+
 def test_edge_cases_uneven_tokens_and_nonfinite_steps(setup):
     spec = recipe(setup, "edge", lr=1e-2)
     recipe_path = write_recipe(setup["root"] / "edge.yaml", spec)

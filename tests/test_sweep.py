@@ -315,7 +315,8 @@ def test_keep_best_exports_on_improvement_and_resumes_from_the_record(tmp_path):
     assert best.improves({"eval_ce": 3.0})
     (tmp_path / "hf_best.tmp").mkdir()
     (tmp_path / "hf_best.tmp" / "config.json").write_text("{}")
-    best.commit(4, {"eval_ce": 3.0}, tmp_path / "hf_best.tmp")
+    assert best.update(4, {"eval_ce": 3.0})
+    best.commit(tmp_path / "hf_best.tmp")
     assert json.loads((tmp_path / "best.json").read_text()) == {
         "step": 4,
         "metric": "eval_ce",
@@ -331,6 +332,32 @@ def test_keep_best_exports_on_improvement_and_resumes_from_the_record(tmp_path):
         KeepBest(tmp_path, "eval_nll_persona", "min", resuming=False).improves({"eval_ce": 1.0})
 
 
+def test_keep_best_state_is_the_same_on_every_rank_and_patience_counts_evaluations(tmp_path):
+    """Every rank updates the record (only rank 0 commits files): the export is a collective, so ranks must agree
+    on each improvement. Before, only rank 0's record moved and the other ranks saw every evaluation as an
+    improvement, so a multi-rank run hung in the export at its first evaluation that did not improve."""
+    values = [3.0, 2.5, 2.6, 2.5, 2.7, 2.4, 2.8]  # at steps 2, 4, ..., 14; 2.5 again is no improvement (strict)
+    rank0, rank1 = (KeepBest(tmp_path, "eval_ce", "min", False, patience=2, eval_every=2) for _ in range(2))
+    spent = []
+    for i, value in enumerate(values):
+        step = 2 * (i + 1)
+        improved = [rank0.update(step, {"eval_ce": value}), rank1.update(step, {"eval_ce": value})]
+        assert improved[0] == improved[1] == (value < min(values[:i], default=float("inf")))
+        if improved[0]:
+            (tmp_path / "hf_best.tmp").mkdir()
+            (tmp_path / "hf_best.tmp" / "config.json").write_text("{}")
+            rank0.commit(tmp_path / "hf_best.tmp")
+        assert (rank0.value, rank0.step) == (rank1.value, rank1.step)
+        spent.append(rank0.patience_spent(step))
+    # best at step 4 (2.5); steps 6 and 8 do not improve: the second of them spends the patience of 2
+    assert spent == [False, False, False, True, True, False, False]
+    assert json.loads((tmp_path / "best.json").read_text())["step"] == 12
+    # A resumed run reads the best step back: it stops where the uninterrupted run would
+    resumed = KeepBest(tmp_path, "eval_ce", "min", True, patience=2, eval_every=2)
+    assert resumed.step == 12 and not resumed.patience_spent(14) and resumed.patience_spent(16)
+    assert not KeepBest(tmp_path, "eval_ce", "min", True).patience_spent(10**6)  # patience 0: never
+
+
 def test_keep_best_replaces_the_model_and_its_lora_adapter_together(tmp_path):
     """A LoRA run stages the adapter beside the model (hf_best_adapter.tmp/): commit moves both over the previous
     best, leaving no staged or set-aside folder; before, the adapter went straight to hf_best_adapter/ while the
@@ -343,7 +370,8 @@ def test_keep_best_replaces_the_model_and_its_lora_adapter_together(tmp_path):
             (tmp_path / folder).mkdir()
             (tmp_path / folder / "step").write_text(str(step))
         (tmp_path / "hf_best.old").mkdir(exist_ok=True)  # left by a kill during an earlier replace
-        best.commit(step, {"eval_ce": value}, tmp_path / "hf_best.tmp")
+        assert best.update(step, {"eval_ce": value})
+        best.commit(tmp_path / "hf_best.tmp")
         assert (tmp_path / "hf_best" / "step").read_text() == str(step)
         assert (tmp_path / "hf_best_adapter" / "step").read_text() == str(step)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "hf_best", "hf_best_adapter"]

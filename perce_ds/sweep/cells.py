@@ -144,6 +144,15 @@ def keep_best_metric(spec: SweepSpec) -> str:
     return spec.select_metric if spec.select_metric.startswith("eval_") else "eval_ce"
 
 
+def cell_overrides(spec: SweepSpec, cell: Cell, root: Path) -> dict[str, Any]:
+    """Everything a cell's run sets over the base recipe: the sweep's common overrides, the cell's own, and the
+    keys the sweep owns (where the run goes, resume, the keep_best metric hf_best follows)."""
+    mode = spec.select_mode if spec.select_metric.startswith("eval_") else "min"
+    fixed = {"train.output_dir": root / spec.output_dir, "train.run_name": cell.id, "train.resume": "auto",
+             "train.keep_best": keep_best_metric(spec), "train.keep_best_mode": mode}  # fmt: skip
+    return {**spec.overrides, **cell.as_dict, **fixed}
+
+
 def train_command(spec: SweepSpec, cell: Cell, root: Path) -> list[str]:
     """The existing entry point as a user runs it: `python launch/train.py` (1 process) or the DeepSpeed launcher."""
     if spec.num_gpus > 1:  # a free port: array tasks of one sweep may share a node
@@ -151,10 +160,7 @@ def train_command(spec: SweepSpec, cell: Cell, root: Path) -> list[str]:
                     "--master_port", str(free_port())]  # fmt: skip
     else:
         launcher = [sys.executable]
-    mode = spec.select_mode if spec.select_metric.startswith("eval_") else "min"
-    fixed = {"train.output_dir": root / spec.output_dir, "train.run_name": cell.id, "train.resume": "auto",
-             "train.keep_best": keep_best_metric(spec), "train.keep_best_mode": mode}  # fmt: skip
-    args = [f"--{k}={v}" for k, v in {**spec.overrides, **cell.as_dict, **fixed}.items()]
+    args = [f"--{k}={v}" for k, v in cell_overrides(spec, cell, root).items()]
     return [*launcher, str(root / "launch" / "train.py"), "--deepspeed", str(root / spec.deepspeed),
             "--recipe", str(root / spec.base), *args]  # fmt: skip
 

@@ -16,15 +16,15 @@ from typing import Any
 
 from perce_ds.cli import parse_overrides
 from perce_ds.config import RunConfig
-from perce_ds.sweep.cells import Cell, committed_dir, read_jsonl
+from perce_ds.sweep.cells import Cell, cell_overrides, committed_dir, read_jsonl
 from perce_ds.sweep.spec import SweepSpec
 
 DEFAULT_STEP_S_PER_100M = 18.5  # 25 s / 1.35 (x 100 M parameters): 2 CPU ranks, fp32, global batch 4
 
 
 def cell_config(spec: SweepSpec, cell: Cell, root: Path) -> RunConfig:
-    """The cell's resolved config (nothing loaded but YAML)."""
-    args = [f"--{k}={v}" for k, v in {**spec.overrides, **cell.as_dict}.items()]
+    """The cell's resolved config, as its run will have it (nothing loaded but YAML)."""
+    args = [f"--{k}={v}" for k, v in cell_overrides(spec, cell, root).items()]
     return RunConfig.load(root / spec.base, parse_overrides(args))
 
 
