@@ -474,7 +474,9 @@ def test_slurm_array_path_runs_the_sweep_and_keeps_the_best_checkpoint(slurm_swe
         saved = consolidated_lm_weights(tmp / "runs" / cell.name / "checkpoints" / f"step_{best['step']}")
         assert exported.keys() <= saved.keys() and all(torch.equal(v, saved[k]) for k, v in exported.items())
     rows = {(r["metric"], r["class"]): r for r in result["test"]["rows"]}
-    assert {("nll", "persona"), ("nll", "other"), ("nll", "all"), ("rougeL", None), ("meteor", None)} <= set(rows)
+    assert {("nll", "persona"), ("nll", "other"), ("nll", "all"), ("rougeL", None), ("meteor", None),
+            ("generated_tokens", None), ("end_of_turn", None)} <= set(rows)  # fmt: skip
+    assert 0 < rows[("generated_tokens", None)]["step0"] <= 8 and 0 <= rows[("end_of_turn", None)]["step0"] <= 1
     nll = rows[("nll", "all")]
     assert all(m["value"] < nll["step0"] for m in nll["methods"].values())  # step 0 scored: training moved it
     assert set(nll["methods"]["scheme=perce"]["vs_base"]) >= {"diff", "ci_low", "ci_high"}
@@ -571,3 +573,37 @@ def test_test_scores_of_another_selection_are_refused_not_rescored(tmp_path):
     methods, _ = select_all(spec, ROOT)
     with pytest.raises(SweepError, match="scored for another selection"):
         scoring.test_scored(spec, methods, ROOT)
+
+
+def test_the_test_table_reports_generated_length_and_end_of_turn_rate(tmp_path):
+    """Each scored model's mean generated length and end-of-turn rate are rows of the test table (with the same
+    user-level intervals): a method that wins ROUGE by writing longer, or by never stopping, shows it."""
+    from perce_ds.sweep import report
+
+    spec = load_spec(write_spec(tmp_path, stages=[]), ROOT)
+    for i, cell in enumerate(cells_of_grid(spec)):
+        fake_finished(spec, cell, 1.0 + i)
+    methods, _ = select_all(spec, ROOT)
+    # 2 users x 2 records; per model: generated lengths and finish reasons (stop = end of turn)
+    generations = {"step0": ([8, 8, 8, 8], ["length"] * 4), "scheme=ce": ([3, 5, 8, 4], ["stop", "stop", "length", "stop"]),
+                   "scheme=perce": ([8, 6, 8, 8], ["length", "stop", "length", "length"])}  # fmt: skip
+    dirs = {"step0": tmp_path / "committed" / "step0" / "test"}
+    dirs |= {m.label: committed_dir(spec, m.selected[0], ROOT) / "test" for m in methods}
+    for label, (lengths, reasons) in generations.items():
+        dirs[label].mkdir(parents=True)
+        tokens = {f"r{i}": {"user": f"u{i // 2}", "persona": [1.0, 1, 2], "other": [2.0, 1, 4], "all": [3.0, 2, 6]}
+                  for i in range(4)}  # fmt: skip
+        (dirs[label] / "tokens.json").write_text(json.dumps(tokens))
+        per_record = [{"record_id": f"r{i}", "rougeL": 0.5, "meteor": 0.5, "n_generated_tokens": n,
+                       "finish_reason": r} for i, (n, r) in enumerate(zip(lengths, reasons))]  # fmt: skip
+        (dirs[label] / "generation_per_record.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_record))
+    table = report.test_table(spec, methods, ROOT, n_resamples=200)
+    rows = {r["metric"]: r for r in table["rows"] if r["metric"] in ("generated_tokens", "end_of_turn")}
+    assert rows["generated_tokens"]["step0"] == 8.0 and rows["end_of_turn"]["step0"] == 0.0
+    assert rows["generated_tokens"]["methods"]["scheme=ce"]["value"] == pytest.approx(5.0)
+    assert rows["end_of_turn"]["methods"]["scheme=ce"]["value"] == pytest.approx(0.75)
+    vs_ce = rows["end_of_turn"]["methods"]["scheme=perce"]["vs_base"]
+    assert vs_ce["diff"] == pytest.approx(0.25 - 0.75) and vs_ce["ci_low"] <= vs_ce["diff"] <= vs_ce["ci_high"]
+    text = report.render(spec, methods, table)
+    assert "| generated tokens (mean) | 8.0 | 5.0 | 7.5 (+2.5 [" in text
+    assert "| end-of-turn rate (x100) | 0.00 | 75.00 | 25.00 (-50.00 [" in text

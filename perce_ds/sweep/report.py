@@ -23,16 +23,24 @@ from perce_ds.sweep.spec import SweepSpec
 NLL_CLASSES = ("persona", "copy", "infer", "infer_heldout", "other", ALL)
 ACC_CLASSES = ("persona", "other", ALL)
 GEN_METRICS = (("rougeL", "ROUGE-L"), ("meteor", "METEOR"))
+# Per-record statistics of the same greedy generations (issue 16 item 4): a method that wins ROUGE by writing
+# longer or never stopping shows it here. end_of_turn: 1 when the generation stopped on EOS / end of turn.
+GEN_STATS = (("generated_tokens", "generated tokens (mean)"), ("end_of_turn", "end-of-turn rate (x100)"))
+PERCENT = ("rougeL", "meteor", "end_of_turn")  # shown x100
 
 
 def load_scores(test_dir: Path) -> dict[str, dict[str, Any]]:
-    """record_id -> {"user", class: [nll, hits, tokens], "rougeL", "meteor"} of one scored model."""
+    """record_id -> {"user", class: [nll, hits, tokens], "rougeL", "meteor", "generated_tokens", "end_of_turn"}
+    of one scored model (the last two when the generations recorded their length and finish reason)."""
     if not (test_dir / "tokens.json").is_file():
         raise SweepError(f"{test_dir}: no test scores (tokens.json); run the sweep (without --only-aggregate) first")
     rows = read_json(test_dir / "tokens.json")
     for g in read_jsonl(test_dir / "generation_per_record.jsonl"):
         if g["record_id"] in rows:
             rows[g["record_id"]].update({m: g[m] for m, _ in GEN_METRICS})
+            if g.get("finish_reason") is not None:
+                rows[g["record_id"]].update(generated_tokens=float(g["n_generated_tokens"]),
+                                            end_of_turn=float(g["finish_reason"] == "stop"))  # fmt: skip
     return rows
 
 
@@ -67,7 +75,7 @@ def test_table(spec: SweepSpec, methods: list[MethodSelection], root: Path, n_re
     metrics: list[tuple[str, str]] = [("nll", c) for c in NLL_CLASSES if step0[ids[0]].get(c) is not None]
     metrics = [m for m in metrics if sum(step0[r][m[1]][2] for r in ids) > 0]
     metrics += [("acc", c) for c in ACC_CLASSES if ("nll", c) in metrics]
-    metrics += [(m, "") for m, _ in GEN_METRICS if m in step0[ids[0]]]
+    metrics += [(m, "") for m, _ in (*GEN_METRICS, *GEN_STATS) if all(m in step0[r] for r in ids)]
     base = methods[0].label
     rows = []
     for metric in metrics:
@@ -94,6 +102,8 @@ def _name(row: dict[str, Any]) -> str:
         return f"NLL, {row['class']} tokens ({row['tokens']})"
     if row["metric"] == "acc":
         return f"accuracy, {row['class']} tokens"
+    if row["metric"] in dict(GEN_STATS):
+        return dict(GEN_STATS)[row["metric"]]
     return dict(GEN_METRICS)[row["metric"]] + " (x100, greedy)"
 
 
@@ -126,7 +136,9 @@ def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any
     lines += ["", f"## Test ({table['n_records']} records of {table['n_users']} users)", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for row in table["rows"]:
-        scale, digits = (100.0, 2) if row["metric"] not in ("nll", "acc") else (1.0, 3)
+        scale, digits = (
+            (100.0, 2) if row["metric"] in PERCENT else (1.0, 1 if row["metric"] == "generated_tokens" else 3)
+        )
         cells = [_name(row), _fmt(row["step0"], scale, digits)]
         for m in methods:
             e = row["methods"][m.label]
