@@ -64,8 +64,22 @@ case "${1:-}" in
     ;;
 --part1)
     [[ -d "$C1/wheels" ]] || { echo "no $C1 (carry it)" >&2; exit 1; }
+    # only the distributions the image lacks (as gpu_check.sh): its own builds (numpy ABI, CUDA, protobuf) stay in charge
+    mapfile -t missing < <("$PY" - "$C1/wheels" <<'EOF'
+import importlib.metadata as m, pathlib, re, sys
+for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    try:
+        m.version(re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]))
+    except m.PackageNotFoundError:
+        print(wheel)
+EOF
+)
     mkdir -p .gpu_site
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu_site "$C1"/wheels/*.whl || exit 1
+    if (( ${#missing[@]} )); then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu_site \
+            "${missing[@]}" || exit 1
+    fi
+    echo "installed into .gpu_site: ${missing[*]##*/}"
     mkdir -p .gpu_nltk && tar -C .gpu_nltk -xJf "$C1/nltk_data.tar.xz" || exit 1
     PYTHONPATH="$PWD/.gpu_site:$PWD" NLTK_DATA="$PWD/.gpu_nltk/nltk_data" "$PY" -c \
         'import deepspeed, datasets, nltk, rouge_score, gguf, torch; from perce_ds.evaluation.metrics import ensure_wordnet; ensure_wordnet(); print("part1 OK: deepspeed", deepspeed.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())'
