@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from perce_ds.distributed import any_rank, local_device
 from perce_ds.export_check import ExportCheckError, check_export, expected_state
 
 log = logging.getLogger("perce_ds")
@@ -77,10 +78,7 @@ def resume_point(ckpt_root: Path, resume: str, world: int) -> Path | None:
 def params_are_finite(module: torch.nn.Module) -> bool:
     """True when every rank's shard of every parameter is finite (ZeRO-3 shards live in ds_tensor)."""
     ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all()) for p in module.parameters())
-    flag = torch.tensor([1.0 if ok else 0.0])
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return not any_rank(not ok, local_device()) if dist.is_initialized() else ok
 
 
 def has_frozen_parameters(module: torch.nn.Module) -> bool:

@@ -99,6 +99,12 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
+def local_device() -> torch.device:
+    """This rank's device: its GPU (pinned by init_process_group), else the CPU. Collectives go through it: nccl
+    has no CPU tensors."""
+    return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum `values` over all ranks (through `device`: nccl needs CUDA tensors); the result on the CPU."""
     import torch.distributed as dist
