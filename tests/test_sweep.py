@@ -532,6 +532,33 @@ def test_parallel_cells_give_the_same_sweep(slurm_sweep, tmp_path):
 
 
 @pytest.mark.slow
+def test_selected_cells_trained_elsewhere_are_retrained_before_test_scoring(slurm_sweep, tmp_path):
+    """The committed cells of a sweep whose run directories are not here (trained on another machine): scoring
+    refuses and names --retrain-missing; with it, the selected cells train again (first runs kept in first_run/,
+    retrained.json with both best values; CPU runs are deterministic, so equal) and the test table is the one the
+    original run directories gave."""
+    shutil.copytree(slurm_sweep / "committed", tmp_path / "committed",
+                    ignore=shutil.ignore_patterns("test", "step0", "test_scored.json", "sweep.*", "*.png"))  # fmt: skip
+    recipe = write_spec(tmp_path, **E2E)
+    proc = run_job([sys.executable, SWEEP, "--recipe", recipe], 120)
+    assert proc.returncode != 0 and "--retrain-missing" in proc.stderr and not (tmp_path / "runs").exists()
+    check(run_job([sys.executable, SWEEP, "--recipe", recipe, "--retrain-missing", "--parallel", "2"], 400))
+    cells = sorted((tmp_path / "committed" / "cells").iterdir())
+    assert len(cells) == 6 and len(train_lines(tmp_path)) == 6  # E2E's methods select every cell (one lr)
+    for cell in cells:
+        record = json.loads((cell / "retrained.json").read_text())
+        assert record["first_run"] == record["retrain"] and record["relative_difference"] == 0.0
+        assert (cell / "first_run" / "done.json").is_file() and (cell / "done.json").is_file()
+        losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+                  for d in (cell / "first_run", cell)]  # fmt: skip
+        assert len(losses[0]) == 4 and losses[0] == losses[1]
+    text = (tmp_path / "committed" / "sweep.md").read_text()
+    original = (slurm_sweep / "committed" / "sweep.md").read_text()
+    assert "Retrained before test scoring" in text and text.count("(first run) ->") == 6
+    assert text.split("## Test", 1)[1] == original.split("## Test", 1)[1]
+
+
+@pytest.mark.slow
 def test_the_table_is_rebuilt_from_the_committed_files_alone(slurm_sweep, tmp_path):
     shutil.copytree(slurm_sweep / "committed", tmp_path / "committed")
     (tmp_path / "committed" / "sweep.md").unlink()
@@ -619,3 +646,18 @@ def test_the_test_table_reports_generated_length_and_end_of_turn_rate(tmp_path):
     text = report.render(spec, methods, table)
     assert "| generated tokens (mean) | 8.0 | 5.0 | 7.5 (+2.5 [" in text
     assert "| end-of-turn rate (x100) | 0.00 | 75.00 | 25.00 (-50.00 [" in text
+
+
+def test_a_second_retrain_keeps_the_first_runs_files(tmp_path):
+    from perce_ds.sweep.cells import FIRST_RUN, set_aside_for_retraining
+
+    spec = load_spec(write_spec(tmp_path), ROOT)
+    cell = cells_of_grid(spec)[0]
+    fake_finished(spec, cell, 2.0)
+    d = committed_dir(spec, cell, ROOT)
+    set_aside_for_retraining(spec, cell, ROOT)
+    assert not is_done(spec, cell, ROOT) and json.loads((d / FIRST_RUN / "best.json").read_text())["value"] == 2.0
+    fake_finished(spec, cell, 1.5)  # the retrain finished; its model was lost too: set aside again
+    set_aside_for_retraining(spec, cell, ROOT)
+    assert json.loads((d / FIRST_RUN / "best.json").read_text())["value"] == 2.0  # still the first run's
+    assert not (d / FIRST_RUN / FIRST_RUN).exists() and (d / FIRST_RUN / DONE).is_file()

@@ -35,6 +35,8 @@ from perce_ds.sweep.spec import (
 )
 
 DONE = "done.json"
+FIRST_RUN = "first_run"  # <committed cell>/first_run/: a retrained cell's first small files, kept
+RETRAINED = "retrained.json"  # <committed cell>/retrained.json: the first run's and the retrain's best validation
 SMALL_FILES = ("config.yaml", "metrics.jsonl", "eval_metrics.jsonl", "best.json", "summary.json", "data_report.json")
 VAL_EVAL_NAME = "val_best"  # <run>/eval/val_best/: validation generations of hf_best (generation-score selection)
 
@@ -229,6 +231,37 @@ def commit_cell(spec: SweepSpec, cell: Cell, root: Path) -> None:
     marker = {"config_hash": config_hash(spec, cell, root), "stage": cell.stage, "overrides": cell.as_dict,
               "run_dir": str(rd.relative_to(root)) if rd.is_relative_to(root) else str(rd)}  # fmt: skip
     (dst / DONE).write_text(json.dumps(marker, indent=2))
+
+
+def has_model(spec: SweepSpec, cell: Cell, root: Path) -> bool:
+    """The cell's best-validation model (hf_best) is on this machine: test scoring needs it."""
+    return (run_dir(spec, cell, root) / "hf_best" / "config.json").is_file()
+
+
+def set_aside_for_retraining(spec: SweepSpec, cell: Cell, root: Path) -> None:
+    """A finished cell whose run directory is gone (trained on another machine, scratch purged): copy its committed
+    files to first_run/ (once: a second retrain keeps the first run's), then drop its done marker, so run_cell
+    trains it again (and resumes a killed retrain from its checkpoints)."""
+    d = committed_dir(spec, cell, root)
+    keep = d / FIRST_RUN
+    if not (keep / DONE).is_file():
+        keep.mkdir(exist_ok=True)
+        for path in sorted(d.iterdir()):
+            if path.is_file() and path.name != DONE:
+                shutil.copy2(path, keep / path.name)
+        shutil.copy2(d / DONE, keep / DONE)  # last: first_run/ is whole once it holds the marker
+    (d / DONE).unlink(missing_ok=True)
+
+
+def record_retrain(spec: SweepSpec, cell: Cell, root: Path) -> dict[str, Any]:
+    """After a retrain: <committed cell>/retrained.json with both runs' best validation (step, value) and their
+    relative difference (the same definition and seed: run-to-run and device-to-device noise only)."""
+    d = committed_dir(spec, cell, root)
+    first, again = read_json(d / FIRST_RUN / "best.json"), read_json(d / "best.json")
+    record = {"first_run": {k: first[k] for k in ("step", "value")}, "retrain": {k: again[k] for k in ("step", "value")},
+              "relative_difference": (again["value"] - first["value"]) / abs(first["value"]) if first["value"] else None}  # fmt: skip
+    (d / RETRAINED).write_text(json.dumps(record, indent=2))
+    return record
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 from perce_ds.sweep import targets
 from perce_ds.sweep.bootstrap import __doc__ as INTERVAL_METHOD
 from perce_ds.sweep.bootstrap import paired_user_bootstrap, per_user, point, user_index
-from perce_ds.sweep.cells import SweepError, committed_dir, read_json, read_jsonl
+from perce_ds.sweep.cells import RETRAINED, SweepError, committed_dir, read_json, read_jsonl
 from perce_ds.sweep.scoring import ALL
 from perce_ds.sweep.select import MethodSelection
 from perce_ds.sweep.spec import SweepSpec
@@ -111,8 +111,11 @@ def _fmt(x: float | None, scale: float, digits: int, sign: bool = False) -> str:
     return "n/a" if x is None else f"{scale * x:{'+' if sign else ''}.{digits}f}"
 
 
-def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any] | None) -> str:
-    """Markdown: the validation selection, then the test table (when scored)."""
+def render(
+    spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any] | None, retrains: list[str] = ()
+) -> str:
+    """Markdown: the validation selection (and the cells retrained before test scoring), then the test table (when
+    scored)."""
     lines = [f"# Sweep {spec.name}: validated comparison", "",
              f"Base recipe `{spec.base}`; selection on the validation split by `{spec.select_metric}` "
              f"({'lower' if spec.select_mode == 'min' else 'higher'} is better): per method, the learning rate with the "
@@ -129,8 +132,13 @@ def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any
             lines.append(f"| {m.label} | {m.stage} | {lr:g}{mark} | {entry['mean']:.4f} | {_run_text(entry['runs'])} |")
         if m.confirm:
             lines.append(_confirm_row(m))
+    if retrains:
+        lines += ["", "Retrained before test scoring (same definition and seed; their models were not on the scoring "
+                  "machine; the first runs' files are in `cells/<id>/first_run/`; the table uses the retrains):", "",
+                  *retrains]  # fmt: skip
     if table is None:
-        return "\n".join(lines) + "\n\nTest split: not scored yet (every cell must be done first).\n"
+        why = "every cell must be done first" if not all(m.complete for m in methods) else "run the sweep to score it"
+        return "\n".join(lines) + f"\n\nTest split: not scored yet ({why}).\n"
     base = table["base"]
     head = ["test split", "step 0", *(m.label for m in methods)]
     lines += ["", f"## Test ({table['n_records']} records of {table['n_users']} users)", "",
@@ -155,6 +163,19 @@ def render(spec: SweepSpec, methods: list[MethodSelection], table: dict[str, Any
     ]
     lines += targets.render(table["targets"], spec.select_metric)
     return "\n".join(lines) + "\n"
+
+
+def retrain_lines(spec: SweepSpec, methods: list[MethodSelection], root: Path) -> list[str]:
+    """One line per selected cell with a retrained.json: both runs' best validation value and step."""
+    lines = []
+    for cell in (c for m in methods for c in m.selected):
+        path = committed_dir(spec, cell, root) / RETRAINED
+        if path.is_file():
+            r = read_json(path)
+            first, again = r["first_run"], r["retrain"]
+            lines.append(f"- `{cell.id}`: {spec.select_metric} {first['value']:.4f} @ {first['step']} (first run) -> "
+                         f"{again['value']:.4f} @ {again['step']} (retrain)")  # fmt: skip
+    return lines
 
 
 def _confirm_note(spec: SweepSpec) -> list[str]:
@@ -189,5 +210,5 @@ def write_report(spec: SweepSpec, methods: list[MethodSelection], table: dict[st
     data = {"sweep": spec.name, "base_recipe": str(spec.base), "select": select,
             "methods": [m.to_dict(seeds) for m in methods], "test": table}  # fmt: skip
     (out / "sweep.json").write_text(json.dumps(data, indent=2, sort_keys=True))
-    (out / "sweep.md").write_text(render(spec, methods, table))
+    (out / "sweep.md").write_text(render(spec, methods, table, retrain_lines(spec, methods, root)))
     return out / "sweep.md"

@@ -17,7 +17,19 @@ from typing import Any
 
 from perce_ds.errors import UserError
 from perce_ds.sweep import cost, plots, report, scoring
-from perce_ds.sweep.cells import Cell, SweepError, is_done, run_cell
+from perce_ds.sweep.cells import (
+    DONE,
+    FIRST_RUN,
+    RETRAINED,
+    Cell,
+    SweepError,
+    committed_dir,
+    has_model,
+    is_done,
+    record_retrain,
+    run_cell,
+    set_aside_for_retraining,
+)
 from perce_ds.sweep.select import MethodSelection, select_all, stage_lists
 from perce_ds.sweep.spec import CONFIRM_STAGE, GRID_STAGE, LR_KEY, SweepSpec, dump_overrides
 
@@ -51,11 +63,12 @@ def run_one(spec: SweepSpec, root: Path, stage: int, index: int) -> bool:
     return run_cell(spec, cells[stage][index], root, child_env(root))
 
 
-def run_all(spec: SweepSpec, root: Path, log=print, parallel: int = 1) -> None:
+def run_all(spec: SweepSpec, root: Path, log=print, parallel: int = 1, retrain_missing: bool = False) -> None:
     """Every cell of every stage, skipping finished ones; then test scoring and the report. Stages run in order
     (a stage's lr is selected from the ones before it); within a stage up to `parallel` cells run at once, as
     processes on this machine sharing its devices (small models that leave a GPU mostly idle; one 2-core CPU
-    gains nothing). A failed cell does not stop the others of its stage; the stage then fails."""
+    gains nothing). A failed cell does not stop the others of its stage; the stage then fails. `retrain_missing`:
+    see retrain_selected_without_model."""
     env = child_env(root)
     check_configs(spec, root)
     for stage in range(len(spec.stage_names())):
@@ -63,21 +76,62 @@ def run_all(spec: SweepSpec, root: Path, log=print, parallel: int = 1) -> None:
         if not cells:
             raise SweepError(f"stage {stage}: no cells (its grid method is not selected: a grid cell failed?)")
 
-        def run(i: int, cell: Cell, stage: int = stage, n: int = len(cells)) -> None:
-            log(f"[stage {stage} cell {i + 1}/{n}] {cell.id}")
-            ran = run_cell(spec, cell, root, env)
-            log(f"[stage {stage} cell {i + 1}/{n}] " + ("finished" if ran else "done, skipped"))
-
-        if parallel <= 1:
-            for i, cell in enumerate(cells):
-                run(i, cell)
-            continue
-        with ThreadPoolExecutor(max_workers=parallel) as pool:  # threads: each waits on its cell's process
-            futures = [pool.submit(run, i, cell) for i, cell in enumerate(cells)]
-        failed = [f.exception() for f in futures if f.exception() is not None]
-        if failed:
-            raise SweepError(f"stage {stage}: {len(failed)} of {len(cells)} cells failed; the first: {failed[0]}")
+        run_cells(spec, root, cells, f"stage {stage}", env, log, parallel)
+    record_retrains(spec, root, log)  # a retrain a killed sweep left for the stage loop to finish
+    if retrain_missing:
+        retrain_selected_without_model(spec, root, env, log, parallel)
     aggregate(spec, root, score=True, log=log)
+
+
+def run_cells(
+    spec: SweepSpec, root: Path, cells: list[Cell], what: str, env: dict[str, str], log, parallel: int
+) -> None:
+    """run_cell for each, one after another or up to `parallel` at once; a failure is raised after all ended."""
+
+    def run(i: int, cell: Cell) -> None:
+        log(f"[{what} cell {i + 1}/{len(cells)}] {cell.id}")
+        ran = run_cell(spec, cell, root, env)
+        log(f"[{what} cell {i + 1}/{len(cells)}] " + ("finished" if ran else "done, skipped"))
+
+    if parallel <= 1:
+        for i, cell in enumerate(cells):
+            run(i, cell)
+        return
+    with ThreadPoolExecutor(max_workers=parallel) as pool:  # threads: each waits on its cell's process
+        futures = [pool.submit(run, i, cell) for i, cell in enumerate(cells)]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        raise SweepError(f"{what}: {len(failed)} of {len(cells)} cells failed; the first: {failed[0]}")
+
+
+def retrain_selected_without_model(spec: SweepSpec, root: Path, env: dict[str, str], log, parallel: int) -> None:
+    """Before test scoring: train again (same definition and seed) every selected cell whose hf_best is not on this
+    machine, its first run's files kept in first_run/ and both best validation values in retrained.json. The
+    retrain's files replace the first run's, so the table's validation and test numbers come from the same runs;
+    if that changes a selection, the newly selected cells are checked in turn. Nothing once test is scored."""
+    for _ in range(sum(len(c) for c in stage_cells(spec, root)) + 1):
+        methods, _ = select_all(spec, root)
+        if not all(m.complete for m in methods) or scoring.test_scored(spec, methods, root):
+            return
+        missing = [c for m in methods for c in m.selected if not has_model(spec, c, root)]
+        if not missing:
+            return
+        log(f"retraining {len(missing)} selected cell(s) whose model is not here: {[c.id for c in missing]}")
+        for cell in missing:
+            set_aside_for_retraining(spec, cell, root)
+        run_cells(spec, root, missing, "retrain", env, log, parallel)
+        record_retrains(spec, root, log)
+
+
+def record_retrains(spec: SweepSpec, root: Path, log) -> None:
+    """retrained.json for every finished cell with a first_run/ and no record yet."""
+    for cell in (c for cells in stage_cells(spec, root) for c in cells):
+        d = committed_dir(spec, cell, root)
+        if (d / FIRST_RUN / DONE).is_file() and is_done(spec, cell, root) and not (d / RETRAINED).is_file():
+            r = record_retrain(spec, cell, root)
+            first, again = r["first_run"], r["retrain"]
+            log(f"  {cell.id}: best validation {first['value']:.6g} @ {first['step']} (first run) -> "
+                f"{again['value']:.6g} @ {again['step']} (retrain)")  # fmt: skip
 
 
 def check_configs(spec: SweepSpec, root: Path) -> None:
@@ -96,13 +150,16 @@ def aggregate(spec: SweepSpec, root: Path, score: bool, log=print) -> dict[str, 
     methods, _ = select_all(spec, root)
     table = None
     if all(m.complete for m in methods):
-        if not scoring.test_scored(spec, methods, root):
-            if not score:
-                raise SweepError(f"every cell is done but the test split is not scored yet ({spec.commit_dir}/"
-                                 f"{scoring.MARKER} missing): run without --only-aggregate to score it (once)")  # fmt: skip
+        scored = scoring.test_scored(spec, methods, root)
+        if not scored and score:
             log("scoring the selected runs and the starting model on the test split (once)")
             scoring.score_test(spec, methods, root)
-        table = report.test_table(spec, methods, root)
+            scored = True
+        if scored:
+            table = report.test_table(spec, methods, root)
+        else:
+            log(f"every cell is done but the test split is not scored yet ({spec.commit_dir}/{scoring.MARKER} "
+                "missing): the table shows validation only; run without --only-aggregate to score it (once)")  # fmt: skip
     else:
         log("not every method is selected (and confirmed) yet: the table shows validation only")
     md = report.write_report(spec, methods, table, root)

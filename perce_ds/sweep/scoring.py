@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perce_ds.sweep.cells import Cell, SweepError, committed_dir, generation_scores, read_json, run_dir
+from perce_ds.sweep.cells import Cell, SweepError, committed_dir, generation_scores, has_model, read_json, run_dir
 from perce_ds.sweep.select import MethodSelection
 from perce_ds.sweep.spec import SweepSpec
 
@@ -107,6 +107,13 @@ def score_test(spec: SweepSpec, methods: list[MethodSelection], root: Path) -> N
     """Score every selected run's hf_best and the starting model on test (once), then write the marker."""
     if not all(m.complete for m in methods):
         raise SweepError("test scoring needs every method selected and confirmed (all cells done)")
+    gone = [c.id for m in methods for c in m.selected if not has_model(spec, c, root)]
+    if gone:
+        raise SweepError(
+            f"no hf_best on this machine for the selected cells {gone} (under {root / spec.output_dir}): trained on "
+            "another machine, or the run directories were removed. Run the sweep with --retrain-missing to train them "
+            "again (their first run's files are kept in first_run/), or copy their run directories here"
+        )
     first = methods[0].selected[0]
     done = []
     for m in methods:
