@@ -28,7 +28,7 @@ from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
 from perce_ds.data.order import DataOrder
 from perce_ds.data.pipeline import PreparedData, data_files, prepare_data, require_profiles
 from perce_ds.data.sources import load_many
-from perce_ds.distributed import all_reduce_sum, any_rank, init_process_group, skip_micro_step
+from perce_ds.distributed import all_reduce_sum, any_rank, init_process_group, local_device, skip_micro_step
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
 from perce_ds.evaluation.demo import demo_evaluation
@@ -72,9 +72,7 @@ class Trainer:
             init_process_group(cfg.train.dist_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
-        self.device = (
-            torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
-        )
+        self.device = local_device()
         self.run_dir = cfg.run_dir
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)

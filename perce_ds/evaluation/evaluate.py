@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from perce_ds.data.pipeline import prompt_settings, resolve_tokenizer
 from perce_ds.data.tokenizer import load_tokenizer
-from perce_ds.distributed import apply_slurm_env, init_process_group
+from perce_ds.distributed import apply_slurm_env, init_process_group, local_device
 from perce_ds.evaluation import report, runs
 from perce_ds.evaluation.generation import (
     GenerationBackend,
@@ -223,7 +222,7 @@ def make_backend(opts: EvalOptions, cfg: Any, model_dir: Path | None, tokenizer:
         dtype = str(resolve_dtype(cfg.model.dtype)).removeprefix("torch.")  # "bfloat16": vLLM's spelling
         return VLLMBackend(model_dir, tokenizer, dtype, opts.tensor_parallel_size), None
     dtype = resolve_dtype(cfg.model.dtype)
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     keepalive: Any = None
     if opts.checkpoint:
         lm = runs.load_checkpoint_weights(cfg, Path(opts.checkpoint), tokenizer, dtype).to(device)
