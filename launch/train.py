@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = RunConfig.load(args.recipe, parse_overrides(rest))
     trainer = Trainer(cfg, args.deepspeed)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except BaseException:
+        # The process ends without interpreter teardown (exit_process): close the sinks here, so a wandb run
+        # records that it failed (exit code 1) instead of being left to be marked crashed.
+        trainer.metrics.close(exit_code=1)
+        raise
     if trainer.is_rank0:
         print_summary(summary)
     shutdown()

@@ -66,8 +66,8 @@ class WandbRun:
     def log(self, split: str, step: int, values: dict[str, float]) -> None:
         self.run.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
 
 
 class MetricsLogger:
@@ -109,11 +109,13 @@ class MetricsLogger:
                 kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
                 path.write_text("".join(line + "\n" for line in kept))
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and close every sink (idempotent); a non-zero exit_code marks the wandb run failed."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         if self.wandb is not None:
-            self.wandb.close()
+            self.wandb.close(exit_code)
             self.wandb = None
 
 

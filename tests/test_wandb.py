@@ -122,6 +122,24 @@ def test_offline_wandb_run_logs_config_steps_and_resumes_the_same_run(tmp_path, 
     assert (cfg.run_dir / WANDB_ID_FILE).read_text().strip() != first_id
 
 
+def test_a_failed_run_closes_its_wandb_run_with_its_exit_code(tmp_path, monkeypatch):
+    """launch/train.py ends without interpreter teardown (perce_ds.distributed.exit_process), so wandb's atexit hook
+    never runs: a run that raises closes its sinks with exit code 1 itself, and wandb records it failed."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    codes = []
+    for name, code in (("ok", 0), ("failed", 1)):
+        cfg = RunConfig.load(None, [*BASE, f"train.output_dir={tmp_path}", f"train.run_name={name}",
+                                    "train.report_to=[wandb]"])  # fmt: skip
+        cfg.run_dir.mkdir(parents=True)
+        sink = metrics_logger(cfg, enabled=True, resuming=False)
+        sink.log(1, {"loss": 1.0})
+        sink.close(exit_code=code)
+        sink.close()  # idempotent: a second close (the normal path after a handled error) does nothing
+        (log,) = (cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+        codes.append([r.exit.exit_code for r in finished_records(log) if r.WhichOneof("record_type") == "exit"])
+    assert codes == [[0], [1]]
+
+
 def test_other_ranks_open_no_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = RunConfig.load(None, [*BASE, f"train.output_dir={tmp_path}", "train.report_to=[tensorboard, wandb]"])
