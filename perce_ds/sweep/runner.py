@@ -75,7 +75,6 @@ def run_all(spec: SweepSpec, root: Path, log=print, parallel: int = 1, retrain_m
         cells = stage_cells(spec, root)[stage]
         if not cells:
             raise SweepError(f"stage {stage}: no cells (its grid method is not selected: a grid cell failed?)")
-
         run_cells(spec, root, cells, f"stage {stage}", env, log, parallel)
     record_retrains(spec, root, log)  # a retrain a killed sweep left for the stage loop to finish
     if retrain_missing:
