@@ -614,18 +614,23 @@ def test_test_scores_of_another_selection_are_refused_not_rescored(tmp_path):
         scoring.test_scored(spec, methods, ROOT)
 
 
-def test_the_test_table_reports_generated_length_and_end_of_turn_rate(tmp_path):
+def test_the_test_table_reports_generated_length_end_of_turn_rate_and_each_knob_against_its_method(tmp_path):
     """Each scored model's mean generated length and end-of-turn rate are rows of the test table (with the same
-    user-level intervals): a method that wins ROUGE by writing longer, or by never stopping, shows it."""
+    user-level intervals): a method that wins ROUGE by writing longer, or by never stopping, shows it. A later
+    stage's method (the knob clip_max 2 on PerCE) is also compared with the method it modifies."""
     from perce_ds.sweep import report
 
-    spec = load_spec(write_spec(tmp_path, stages=[]), ROOT)
+    spec = load_spec(write_spec(tmp_path), ROOT)  # grid ce / perce, then stage perce_clip: clip_max 2 on perce
     for i, cell in enumerate(cells_of_grid(spec)):
         fake_finished(spec, cell, 1.0 + i)
+    for cell in select_all(spec, ROOT)[1][1]:
+        fake_finished(spec, cell, 1.2)
     methods, _ = select_all(spec, ROOT)
+    assert [m.label for m in methods] == ["scheme=ce", "scheme=perce", "scheme=perce, clip_max=2.0"]
     # 2 users x 2 records; per model: generated lengths and finish reasons (stop = end of turn)
     generations = {"step0": ([8, 8, 8, 8], ["length"] * 4), "scheme=ce": ([3, 5, 8, 4], ["stop", "stop", "length", "stop"]),
-                   "scheme=perce": ([8, 6, 8, 8], ["length", "stop", "length", "length"])}  # fmt: skip
+                   "scheme=perce": ([8, 6, 8, 8], ["length", "stop", "length", "length"]),
+                   "scheme=perce, clip_max=2.0": ([4, 6, 8, 8], ["stop", "stop", "length", "length"])}  # fmt: skip
     dirs = {"step0": tmp_path / "committed" / "step0" / "test"}
     dirs |= {m.label: committed_dir(spec, m.selected[0], ROOT) / "test" for m in methods}
     for label, (lengths, reasons) in generations.items():
@@ -643,9 +648,13 @@ def test_the_test_table_reports_generated_length_and_end_of_turn_rate(tmp_path):
     assert rows["end_of_turn"]["methods"]["scheme=ce"]["value"] == pytest.approx(0.75)
     vs_ce = rows["end_of_turn"]["methods"]["scheme=perce"]["vs_base"]
     assert vs_ce["diff"] == pytest.approx(0.25 - 0.75) and vs_ce["ci_low"] <= vs_ce["diff"] <= vs_ce["ci_high"]
+    knob = rows["end_of_turn"]["methods"]["scheme=perce, clip_max=2.0"]["vs_source"]
+    assert knob["diff"] == pytest.approx(0.5 - 0.25) and knob["ci_low"] <= knob["diff"] <= knob["ci_high"]
+    assert "vs_source" not in rows["end_of_turn"]["methods"]["scheme=perce"]  # a grid method modifies nothing
     text = report.render(spec, methods, table)
     assert "| generated tokens (mean) | 8.0 | 5.0 | 7.5 (+2.5 [" in text
     assert "| end-of-turn rate (x100) | 0.00 | 75.00 | 25.00 (-50.00 [" in text
+    assert "| scheme=perce, clip_max=2.0 - scheme=perce |" in text and "| generated tokens (mean) | -1.0 [" in text
 
 
 def test_a_second_retrain_keeps_the_first_runs_files(tmp_path):

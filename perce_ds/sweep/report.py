@@ -15,7 +15,7 @@ import numpy as np
 from perce_ds.sweep import targets
 from perce_ds.sweep.bootstrap import __doc__ as INTERVAL_METHOD
 from perce_ds.sweep.bootstrap import paired_user_bootstrap, per_user, point, user_index
-from perce_ds.sweep.cells import RETRAINED, SweepError, committed_dir, read_json, read_jsonl
+from perce_ds.sweep.cells import RETRAINED, SweepError, committed_dir, method_key, read_json, read_jsonl
 from perce_ds.sweep.scoring import ALL
 from perce_ds.sweep.select import MethodSelection
 from perce_ds.sweep.spec import SweepSpec
@@ -77,6 +77,7 @@ def test_table(spec: SweepSpec, methods: list[MethodSelection], root: Path, n_re
     metrics += [("acc", c) for c in ACC_CLASSES if ("nll", c) in metrics]
     metrics += [(m, "") for m, _ in (*GEN_METRICS, *GEN_STATS) if all(m in step0[r] for r in ids)]
     base = methods[0].label
+    source = stage_sources(spec, methods)
     rows = []
     for metric in metrics:
         n0, d0 = (per_user(a, idx, len(users)) for a in _arrays([step0], ids, metric))
@@ -90,11 +91,20 @@ def test_table(spec: SweepSpec, methods: list[MethodSelection], root: Path, n_re
             entry: dict[str, Any] = {"value": point(*sums[m.label]), "seeds": [c.seed for c in m.selected]}
             if m.label != base:
                 entry["vs_base"] = paired_user_bootstrap(sums[base], sums[m.label], n_resamples)
+            if m.label in source:  # a knob: its effect on the method it modifies, same users, same intervals
+                entry["vs_source"] = paired_user_bootstrap(sums[source[m.label]], sums[m.label], n_resamples)
             row["methods"][m.label] = entry
         rows.append(row)
-    table = {"rows": rows, "base": base, "n_users": len(users), "n_records": len(ids)}
+    table = {"rows": rows, "base": base, "n_users": len(users), "n_records": len(ids), "sources": source}
     table["targets"] = targets.judge(spec, methods, table)
     return table
+
+
+def stage_sources(spec: SweepSpec, methods: list[MethodSelection]) -> dict[str, str]:
+    """label of each later stage's method -> label of the grid method it modifies (its stage's lr_from)."""
+    label_of = {m.key: m.label for m in methods}
+    lr_from = {st.name: method_key(st.lr_from) for st in spec.stages}
+    return {m.label: label_of[lr_from[m.stage]] for m in methods if m.stage in lr_from and lr_from[m.stage] in label_of}
 
 
 def _name(row: dict[str, Any]) -> str:
@@ -105,6 +115,11 @@ def _name(row: dict[str, Any]) -> str:
     if row["metric"] in dict(GEN_STATS):
         return dict(GEN_STATS)[row["metric"]]
     return dict(GEN_METRICS)[row["metric"]] + " (x100, greedy)"
+
+
+def _scale(metric: str) -> tuple[float, int]:
+    """How a metric is shown: x100 with 2 decimals (ROUGE-L, METEOR, end-of-turn rate), else as is."""
+    return (100.0, 2) if metric in PERCENT else (1.0, 1 if metric == "generated_tokens" else 3)
 
 
 def _fmt(x: float | None, scale: float, digits: int, sign: bool = False) -> str:
@@ -144,9 +159,7 @@ def render(
     lines += ["", f"## Test ({table['n_records']} records of {table['n_users']} users)", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for row in table["rows"]:
-        scale, digits = (
-            (100.0, 2) if row["metric"] in PERCENT else (1.0, 1 if row["metric"] == "generated_tokens" else 3)
-        )
+        scale, digits = _scale(row["metric"])
         cells = [_name(row), _fmt(row["step0"], scale, digits)]
         for m in methods:
             e = row["methods"][m.label]
@@ -162,7 +175,27 @@ def render(
         + INTERVAL_METHOD.split("\n", 1)[1],
     ]
     lines += targets.render(table["targets"], spec.select_metric)
+    lines += _knob_lines(methods, table)
     return "\n".join(lines) + "\n"
+
+
+def _knob_lines(methods: list[MethodSelection], table: dict[str, Any]) -> list[str]:
+    """Each later stage's method against the method it modifies, on test: what the knob moves, and by how much."""
+    knobs = [m.label for m in methods if m.label in table.get("sources", {})]
+    if not knobs:
+        return []
+    lines = ["", "## Knobs against the method they modify (test)", "",
+             "| test split | " + " | ".join(f"{k} - {table['sources'][k]}" for k in knobs) + " |",
+             "|" + "---|" * (len(knobs) + 1)]  # fmt: skip
+    for row in table["rows"]:
+        scale, digits = _scale(row["metric"])
+        cells = []
+        for k in knobs:
+            d = row["methods"][k].get("vs_source") or {}
+            cells.append("n/a" if d.get("diff") is None else f"{_fmt(d['diff'], scale, digits, True)} "
+                         f"[{_fmt(d['ci_low'], scale, digits, True)}, {_fmt(d['ci_high'], scale, digits, True)}]")  # fmt: skip
+        lines.append(f"| {_name(row)} | " + " | ".join(cells) + " |")
+    return lines + ["", "Same user-level paired intervals as above, between the knob's runs and its method's."]
 
 
 def retrain_lines(spec: SweepSpec, methods: list[MethodSelection], root: Path) -> list[str]:
