@@ -92,6 +92,10 @@ def frontier(spec: SweepSpec, methods: list[MethodSelection], root: Path, out_pn
             ax.annotate(text, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="validation NLL, other tokens", ylabel="validation NLL, persona tokens",
            title="best-validation checkpoint of every cell (label: lr)")  # fmt: skip
+    for set_scale, i in ((ax.set_xscale, 0), (ax.set_yscale, 1)):
+        values = [p[i] for pts in points.values() for p in pts]
+        if min(values) > 0 and max(values) > 20 * min(values):  # converged runs crowd one corner of a linear axis
+            set_scale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
