@@ -145,7 +145,7 @@ def test_a_sweep_without_confirm_seeds_has_the_cells_it_had(name, tmp_path):
     assert stage_lists(load_spec(empty, ROOT), {}, fill_lr=first_lr) == placeholder
     for marker in sorted((ROOT / spec.commit_dir / "cells").glob(f"*/{DONE}")):  # cells trained before this change
         recorded = json.loads(marker.read_text())
-        cell = next(c for c in stages[0] if c.id == marker.parent.name)
+        cell = next(c for cells in stages for c in cells if c.id == marker.parent.name)  # grid and knob stage
         assert cell.as_dict == recorded["overrides"] and config_hash(spec, cell, ROOT) == recorded["config_hash"]
         assert is_done(spec, cell, ROOT)
 
