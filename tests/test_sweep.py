@@ -535,8 +535,8 @@ def test_parallel_cells_give_the_same_sweep(slurm_sweep, tmp_path):
 def test_selected_cells_trained_elsewhere_are_retrained_before_test_scoring(slurm_sweep, tmp_path):
     """The committed cells of a sweep whose run directories are not here (trained on another machine): scoring
     refuses and names --retrain-missing; with it, the selected cells train again (first runs kept in first_run/,
-    retrained.json with both best values; CPU runs are deterministic, so equal) and the test table is the one the
-    original run directories gave."""
+    retrained.json with both best values; CPU runs are deterministic, so equal), each up to the step its first
+    run's validation selected and no further, and the test table is the one the original run directories gave."""
     shutil.copytree(slurm_sweep / "committed", tmp_path / "committed",
                     ignore=shutil.ignore_patterns("test", "step0", "test_scored.json", "sweep.*", "*.png"))  # fmt: skip
     recipe = write_spec(tmp_path, **E2E)
@@ -545,13 +545,21 @@ def test_selected_cells_trained_elsewhere_are_retrained_before_test_scoring(slur
     check(run_job([sys.executable, SWEEP, "--recipe", recipe, "--retrain-missing", "--parallel", "2"], 400))
     cells = sorted((tmp_path / "committed" / "cells").iterdir())
     assert len(cells) == 6 and len(train_lines(tmp_path)) == 6  # E2E's methods select every cell (one lr)
+
+    def rows(d: Path, name: str) -> list[dict]:
+        return [json.loads(line) for line in (d / name).read_text().splitlines()]
+
+    # the tiny runs improve to their last step, so here "up to the best step" is the whole run; the stop short of
+    # the end is test_a_retrain_trains_to_the_first_runs_best_step's (and the commits sweep's retrains, sweep.md)
+    first_best = {c.name: json.loads((c / "first_run" / "best.json").read_text())["step"] for c in cells}
     for cell in cells:
         record = json.loads((cell / "retrained.json").read_text())
         assert record["first_run"] == record["retrain"] and record["relative_difference"] == 0.0
         assert (cell / "first_run" / "done.json").is_file() and (cell / "done.json").is_file()
-        losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
-                  for d in (cell / "first_run", cell)]  # fmt: skip
-        assert len(losses[0]) == 4 and losses[0] == losses[1]
+        best, (first, again) = first_best[cell.name], (rows(d, "metrics.jsonl") for d in (cell / "first_run", cell))
+        assert [r["loss"] for r in again] == [r["loss"] for r in first if r["step"] <= best]  # stopped at best
+        evals = [rows(d, "eval_metrics.jsonl") for d in (cell / "first_run", cell)]
+        assert evals[1] == [r for r in evals[0] if r["step"] <= best]
     text = (tmp_path / "committed" / "sweep.md").read_text()
     original = (slurm_sweep / "committed" / "sweep.md").read_text()
     assert "Retrained before test scoring" in text and text.count("(first run) ->") == 6
@@ -670,3 +678,22 @@ def test_a_second_retrain_keeps_the_first_runs_files(tmp_path):
     set_aside_for_retraining(spec, cell, ROOT)
     assert json.loads((d / FIRST_RUN / "best.json").read_text())["value"] == 2.0  # still the first run's
     assert not (d / FIRST_RUN / FIRST_RUN).exists() and (d / FIRST_RUN / DONE).is_file()
+
+
+def test_a_retrain_trains_to_the_first_runs_best_step(tmp_path):
+    """A retrain stops where the first run's validation selected (--train.stop_after counted from the run's last
+    complete checkpoint, so a killed retrain resumes to the same step); a first run gets no stop."""
+    from perce_ds.sweep.cells import retrain_steps_left, run_dir, set_aside_for_retraining
+
+    spec = load_spec(write_spec(tmp_path), ROOT)
+    cell = cells_of_grid(spec)[0]
+    fake_finished(spec, cell, 2.0, step=36)
+    assert retrain_steps_left(spec, cell, ROOT) is None  # a first run: trains its whole schedule
+    set_aside_for_retraining(spec, cell, ROOT)
+    assert retrain_steps_left(spec, cell, ROOT) == 36
+    checkpoints = run_dir(spec, cell, ROOT) / "checkpoints"
+    (checkpoints / "step_18").mkdir(parents=True)
+    (checkpoints / "step_27.tmp").mkdir()  # not a complete checkpoint's name: not counted
+    assert retrain_steps_left(spec, cell, ROOT) == 18
+    (checkpoints / "step_36").mkdir()
+    assert retrain_steps_left(spec, cell, ROOT) == 0  # reached: run_cell commits without training

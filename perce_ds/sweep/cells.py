@@ -209,13 +209,31 @@ def run_cell(spec: SweepSpec, cell: Cell, root: Path, env: dict[str, str]) -> bo
     out.mkdir(parents=True, exist_ok=True)
     with (out / "sweep.log").open("a") as f:  # one line per training invocation (resumes included)
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} train {cell.id}\n")
-    run_logged(train_command(spec, cell, root), rd.parent / f"{cell.id}.log", root, f"cell {cell.id}", env)
+    cmd = train_command(spec, cell, root)
+    left = retrain_steps_left(spec, cell, root)
+    if left is None or left > 0:
+        run_logged(cmd + ([f"--train.stop_after={left}"] if left else []), rd.parent / f"{cell.id}.log", root,
+                   f"cell {cell.id}", env)  # fmt: skip
     if not (rd / "best.json").is_file():
         raise SweepError(f"cell {cell.id}: training ended without {rd}/best.json (no validation split?)")
     if not spec.select_metric.startswith("eval_"):  # a generation score selects: score hf_best on validation
         generation_scores(rd, rd / "hf_best", "eval", VAL_EVAL_NAME, spec.max_new_tokens)
     commit_cell(spec, cell, root)
     return True
+
+
+def retrain_steps_left(spec: SweepSpec, cell: Cell, root: Path) -> int | None:
+    """For a retrain (first_run/ kept): the optimizer steps left to the step the first run's validation selected;
+    None for a first run. A retrain reproduces the selected checkpoint and stops there (the schedule unchanged):
+    training on through the early-stopping patience would only make checkpoints selection has already passed
+    over. Counted from the run's last complete checkpoint, so a killed retrain resumes to the same step."""
+    first = committed_dir(spec, cell, root) / FIRST_RUN / "best.json"
+    if not first.is_file():
+        return None
+    from perce_ds.checkpoint import complete_checkpoints  # torch: only when a cell trains
+
+    reached = max((step for step, _ in complete_checkpoints(run_dir(spec, cell, root) / "checkpoints")), default=0)
+    return max(int(read_json(first)["step"]) - reached, 0)
 
 
 def commit_cell(spec: SweepSpec, cell: Cell, root: Path) -> None:
