@@ -605,6 +605,38 @@ def test_plots_show_each_class_logged_and_the_frontier_of_every_cell(tmp_path):
     assert [k for k, _ in plots.present_classes(spec, methods, ROOT)] == ["eval_ce"]
 
 
+def test_learning_curves_average_seeds_over_common_steps_and_follow_a_retrained_cells_first_run(tmp_path):
+    """Two seeds of a method, one early-stopped at step 4 and one run to 8: the mean curve ends at 4 (each seed is
+    drawn on its own); a retrained cell's curve is its first run's whole trajectory, not the retrain's prefix."""
+    from perce_ds.sweep import plots
+    from perce_ds.sweep.cells import FIRST_RUN
+
+    spec = load_spec(write_spec(tmp_path, seeds=[1, 2]), ROOT)
+    cells = [c for c in cells_of_grid(spec) if c.as_dict["loss.scheme"] == "ce" and c.lr == 1e-3]
+    assert [c.seed for c in cells] == [1, 2]
+    for cell, last in zip(cells, (4, 8)):
+        fake_finished(spec, cell, 1.0, step=2)
+        rows = [{"step": s, "eval_ce": 3.0 - s / 8 + cell.seed} for s in range(2, last + 1, 2)]
+        (committed_dir(spec, cell, ROOT) / "eval_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for cell in cells_of_grid(spec):
+        if cell not in cells:
+            fake_finished(spec, cell, 9.0)
+    ce = select_all(spec, ROOT)[0][0]
+    assert ce.selected_lr == 1e-3 and [c.seed for c in ce.selected] == [1, 2]
+    (steps, mean), seeds = plots.method_curves(spec, ce, "eval_ce", ROOT)
+    assert [s for s, _ in seeds] == [[2, 4], [2, 4, 6, 8]]  # seed 2 ran on: its tail is drawn, not averaged
+    assert steps == [2, 4] and mean == pytest.approx([3.0 - 2 / 8 + 1.5, 3.0 - 4 / 8 + 1.5])
+    first = (
+        committed_dir(spec, cells[0], ROOT) / FIRST_RUN
+    )  # seed 1 was retrained up to step 4; its first run went to 6
+    first.mkdir()
+    (first / "eval_metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "eval_ce": 1.0}) + "\n" for s in (2, 4, 6))
+    )
+    (steps, mean), seeds = plots.method_curves(spec, ce, "eval_ce", ROOT)
+    assert seeds[0] == ([2, 4, 6], [1.0, 1.0, 1.0]) and steps == [2, 4, 6]
+
+
 def test_test_scores_of_another_selection_are_refused_not_rescored(tmp_path):
     from perce_ds.sweep import scoring
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from perce_ds.sweep.cells import Cell, committed_dir, read_jsonl
+from perce_ds.sweep.cells import FIRST_RUN, Cell, committed_dir, read_jsonl
 from perce_ds.sweep.select import MethodSelection
 from perce_ds.sweep.spec import SweepSpec
 
@@ -16,39 +16,54 @@ def _rows(spec: SweepSpec, cell: Cell, root: Path) -> list[dict]:
     return read_jsonl(committed_dir(spec, cell, root) / "eval_metrics.jsonl")
 
 
+def curve_rows(spec: SweepSpec, cell: Cell, root: Path) -> list[dict]:
+    """A cell's validation trajectory: its evaluations, or for a retrained cell its first run's, which went on to
+    its early stop (the retrain repeats that run up to the selected step and stops; retrained.json compares them)."""
+    first = committed_dir(spec, cell, root) / FIRST_RUN / "eval_metrics.jsonl"
+    return read_jsonl(first) if first.is_file() else _rows(spec, cell, root)
+
+
 def present_classes(spec: SweepSpec, methods: list[MethodSelection], root: Path) -> list[tuple[str, str]]:
     """The CURVE_CLASSES keys the selected runs' evaluations logged (a class without spans is not logged)."""
     rows = [r for m in methods for c in m.selected for r in _rows(spec, c, root)]
     return [(k, t) for k, t in CURVE_CLASSES if any(r.get(k) is not None for r in rows)]
 
 
+Curve = tuple[list[int], list[float]]
+
+
+def method_curves(spec: SweepSpec, m: MethodSelection, key: str, root: Path) -> tuple[Curve, list[Curve]]:
+    """(mean curve, one curve per seed) of `key` for a method at its selected lr. The mean covers only the steps
+    every seed reached: with early stopping a seed that ran longer would otherwise make the tail a one-seed curve
+    drawn as a mean."""
+    seeds = []
+    for cell in m.selected:
+        rows = [r for r in curve_rows(spec, cell, root) if r.get(key) is not None]
+        seeds.append(([int(r["step"]) for r in rows], [float(r[key]) for r in rows]))
+    common = sorted(set.intersection(*(set(steps) for steps, _ in seeds))) if seeds else []
+    by_seed = [dict(zip(steps, values)) for steps, values in seeds]
+    return (common, [sum(d[s] for d in by_seed) / len(by_seed) for s in common]), seeds
+
+
 def learning_curves(spec: SweepSpec, methods: list[MethodSelection], root: Path, out_png: Path) -> Path | None:
-    """Validation NLL per class over steps, each method at its selected lr (mean over seeds); absent classes skipped."""
+    """Validation NLL per class over steps, each method at its selected lr: the mean over seeds (solid, over the
+    steps all seeds reached) and each seed (faint); absent classes skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     chosen = [m for m in methods if m.selected]
-    data = {m.label: [_rows(spec, c, root) for c in m.selected] for m in chosen}
     keys = present_classes(spec, methods, root)
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], keys):
         for m in chosen:
-            by_step: dict[int, list[float]] = {}
-            for rows in data[m.label]:
-                for r in rows:
-                    if r.get(key) is not None:
-                        by_step.setdefault(int(r["step"]), []).append(float(r[key]))
-            steps = sorted(by_step)
-            ax.plot(
-                steps,
-                [sum(by_step[s]) / len(by_step[s]) for s in steps],
-                marker=".",
-                label=f"{m.label} (lr {m.selected_lr:g})",
-            )
+            (steps, mean), seeds = method_curves(spec, m, key, root)
+            line = ax.plot(steps, mean, marker=".", label=f"{m.label} (lr {m.selected_lr:g})")[0]
+            for seed_steps, values in seeds:
+                ax.plot(seed_steps, values, color=line.get_color(), alpha=0.3, linewidth=0.8)
         ax.set(title=f"validation NLL, {title}", xlabel="step", ylabel="nats / token")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
