@@ -2,6 +2,7 @@
 
     python launch/sweep.py --recipe recipes/persona_smollm2_sweep.yaml             # run what is left, then report
     python launch/sweep.py --recipe recipes/persona_smollm2_sweep.yaml --dry-run   # the cells and their cost
+    python launch/sweep.py --recipe R --retrain-missing [--dry-run]  # retrain selected cells whose model is elsewhere
     python launch/sweep.py --recipe R --only-aggregate      # table + plots from the committed cell files only
     python launch/sweep.py --recipe R --slurm               # = bash launch/slurm/sweep.sh R: one array task per cell
     python launch/sweep.py --recipe R --parallel 4          # up to 4 cells of a stage at once on this machine
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return subprocess.call(["bash", str(root / "launch" / "slurm" / "sweep.sh"), str(recipe)])
     if args.dry_run:
-        print(runner.dry_run(spec, root))
+        print(runner.dry_run(spec, root, retrain_missing=args.retrain_missing))
     elif args.pending:
         todo = runner.pending(spec, root)
         print("none" if todo is None else f"{todo[0]} {','.join(map(str, todo[1]))}")

@@ -105,6 +105,14 @@ def local_device() -> torch.device:
     return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def device_label() -> str:
+    """What this process computes on, in words ("NVIDIA H200", "cpu (2 cores)"): recorded with a run's timings, so
+    that a step time measured on one kind of machine is not taken for another's (the sweep's --dry-run)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return f"cpu ({os.cpu_count()} cores)"
+
+
 def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum `values` over all ranks (through `device`: nccl needs CUDA tensors); the result on the CPU."""
     import torch.distributed as dist

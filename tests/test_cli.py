@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -52,6 +53,7 @@ def test_readme_main_command_runs_demo(tmp_path):
     assert entries == ["step_2", "step_4"]  # keep_last=2, no .tmp- debris
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["device"] == f"cpu ({os.cpu_count()} cores)"  # what step_time_s was measured on (no GPU in CI)
     evals = read_jsonl(run / "eval_metrics.jsonl")  # train.eval_every 2, then the final evaluation
     assert [r["step"] for r in evals] == [2, 4]
     assert evals[-1]["eval_ce"] == summary["eval"]["eval_ce"]  # the final row is the evaluation in summary.json

@@ -729,3 +729,52 @@ def test_a_retrain_trains_to_the_first_runs_best_step(tmp_path):
     assert retrain_steps_left(spec, cell, ROOT) == 18
     (checkpoints / "step_36").mkdir()
     assert retrain_steps_left(spec, cell, ROOT) == 0  # reached: run_cell commits without training
+
+
+def test_dry_run_step_time_comes_from_cells_of_this_device_and_retrains_count_to_their_best_step(tmp_path):
+    """A GPU's step time is no estimate for a CPU: the median is taken over the finished cells that ran on this
+    device (summary.json's `device`), cells from before that record only when none matches, and cells of other
+    devices only are named beside the fallback. A retrain is estimated to its first run's best step, and
+    --retrain-missing --dry-run lists the selected cells it would train again."""
+    from perce_ds.sweep import cost, runner
+    from perce_ds.sweep.cells import set_aside_for_retraining
+
+    spec = load_spec(write_spec(tmp_path, seeds=[1], cost={"step_seconds": 7, "eval_seconds": 2}), ROOT)
+    grid = cells_of_grid(spec)
+
+    def ran(cell, device: str | None, step_times: list[float], best_step: int = 2) -> None:
+        fake_finished(spec, cell, 1.0 + cell.lr, step=best_step)
+        d = committed_dir(spec, cell, ROOT)
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "step_time_s": t}) + "\n"
+                                                 for i, t in enumerate(step_times)))  # fmt: skip
+        (d / "summary.json").write_text(json.dumps({} if device is None else {"device": device}))
+
+    ran(grid[0], "NVIDIA H200", [0.5, 0.7, 0.6])
+    ran(grid[1], "cpu (2 cores)", [10.0, 14.0, 12.0, 30.0], best_step=4)
+    measured = cost.measured_step_seconds(spec, grid[:2], ROOT, device="cpu (2 cores)")
+    assert (measured.seconds, measured.source) == (13.0, "measured on cpu (2 cores)")
+    assert cost.measured_step_seconds(spec, grid[:2], ROOT, device="NVIDIA H200").seconds == 0.6
+    other = cost.measured_step_seconds(spec, grid[:2], ROOT, device="NVIDIA A100")
+    assert other.seconds is None and "0.60 s on NVIDIA H200" in other.source and "13.00 s on cpu" in other.source
+    est = cost.estimate(spec, grid[0], ROOT, other)
+    assert est["step_seconds"] == 7 and other.source in est["source"]  # the recipe's, and why
+    ran(grid[2], None, [3.0])
+    unrecorded = cost.measured_step_seconds(spec, grid[:3], ROOT, device="NVIDIA A100")
+    assert (unrecorded.seconds, unrecorded.source) == (3.0, "measured, device not recorded")
+
+    while (todo := runner.pending(spec, ROOT)) is not None:  # the rest of the grid, then the later stages
+        for i in todo[1]:
+            ran(select_all(spec, ROOT)[1][todo[0]][i], "cpu (2 cores)", [12.0], best_step=4)
+    dry = runner.dry_run(spec, ROOT, retrain_missing=True)  # every method selected, no model here
+    methods, _ = select_all(spec, ROOT)
+    selected = [c for m in methods for c in m.selected]
+    retrain_lines = dry.split("retrain before test scoring (--retrain-missing): ", 1)[1].split("\n\n", 1)[0]
+    assert retrain_lines.startswith(f"{len(selected)} selected cells") and len(selected) >= 2
+    for c in selected:
+        best = json.loads((committed_dir(spec, c, ROOT) / "best.json").read_text())["step"]
+        assert f"{c.id}  {{" in retrain_lines and f"[retrain] {best} steps (retrain to" in retrain_lines
+    assert "retrain before" not in runner.dry_run(spec, ROOT)  # only with --retrain-missing
+
+    set_aside_for_retraining(spec, grid[1], ROOT)  # its retrain under way: a grid cell to do, to its best step
+    line = next(x for x in runner.dry_run(spec, ROOT).splitlines() if grid[1].id in x)
+    assert "[todo] 4 steps (retrain to the first run's best step)" in line

@@ -26,7 +26,9 @@ from perce_ds.sweep.cells import (
     committed_dir,
     has_model,
     is_done,
+    read_json,
     record_retrain,
+    retrain_steps_left,
     run_cell,
     set_aside_for_retraining,
 )
@@ -109,10 +111,7 @@ def retrain_selected_without_model(spec: SweepSpec, root: Path, env: dict[str, s
     retrain's files replace the first run's, so the table's validation and test numbers come from the same runs;
     if that changes a selection, the newly selected cells are checked in turn. Nothing once test is scored."""
     for _ in range(sum(len(c) for c in stage_cells(spec, root)) + 1):
-        methods, _ = select_all(spec, root)
-        if not all(m.complete for m in methods) or scoring.test_scored(spec, methods, root):
-            return
-        missing = [c for m in methods for c in m.selected if not has_model(spec, c, root)]
+        missing = _retrains_before_scoring(spec, root, select_all(spec, root)[0])
         if not missing:
             return
         log(f"retraining {len(missing)} selected cell(s) whose model is not here: {[c.id for c in missing]}")
@@ -173,15 +172,32 @@ def aggregate(spec: SweepSpec, root: Path, score: bool, log=print) -> dict[str, 
     return {"methods": methods, "table": table}
 
 
-def dry_run(spec: SweepSpec, root: Path) -> str:
+def dry_run(spec: SweepSpec, root: Path, retrain_missing: bool = False) -> str:
     """The cells with their overrides and estimated cost; stages whose lr is not selected yet are estimated at
-    the first grid lr and marked pending."""
+    the first grid lr and marked pending. A retrain (first_run/ kept) is estimated to its first run's best step;
+    with `retrain_missing`, the selected cells --retrain-missing would train again are listed too."""
     methods, stages = select_all(spec, root)
     measured = cost.measured_step_seconds(spec, [c for cs in stages for c in cs], root)
     confirm = f", confirm seeds {spec.confirm_seeds}" if spec.confirm_seeds else ""
     lines = [f"sweep {spec.name}: base {spec.base}, {spec.num_gpus} process(es), seeds {spec.seeds}{confirm}",
              f"common overrides: {dump_overrides(spec.overrides)}", ""]  # fmt: skip
     total = remaining = 0.0
+
+    def listed(c: Cell, state: str, retrain_to: int | None) -> None:
+        nonlocal total, remaining
+        try:
+            est = cost.estimate(spec, c, root, measured, retrain_to)
+        except UserError as e:  # listed, not hidden: the cell would fail the same way when it runs
+            lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] cannot be resolved: {e}")
+            return
+        total += est["seconds"]
+        remaining += est["seconds"] if state != "done" else 0.0
+        steps = f"{est['steps']} steps" if est["steps"] is not None else "? steps (training files missing)"
+        steps += "" if retrain_to is None else " (retrain to the first run's best step)"
+        lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] {steps} x {est['step_seconds']:.2f} s "
+                     f"({est['source']}) + {est['evals']} evals x {spec.eval_seconds:g} s + "
+                     f"{spec.startup_seconds:g} s start = {cost.human(est['seconds'])}")  # fmt: skip
+
     placeholder = _placeholder_stages(spec, methods)
     first = len(stages) - len(spec.stages)  # the index of the recipe's first stage
     for s, (name, cells) in enumerate(zip(spec.stage_names(), placeholder)):
@@ -197,20 +213,25 @@ def dry_run(spec: SweepSpec, root: Path) -> str:
         lines.append(f"{title}: {len(cells)} cells{lr_note}")
         for c in cells:
             state = ("done" if is_done(spec, c, root) else "todo") if c in known else "pending"
-            try:
-                est = cost.estimate(spec, c, root, measured)
-            except UserError as e:  # listed, not hidden: the cell would fail the same way when it runs
-                lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] cannot be resolved: {e}")
-                continue
-            total += est["seconds"]
-            remaining += est["seconds"] if state != "done" else 0.0
-            steps = f"{est['steps']} steps" if est["steps"] is not None else "? steps (training files missing)"
-            lines.append(f"  {c.id}  {dump_overrides(c.as_dict)}  [{state}] {steps} x {est['step_seconds']:.2f} s "
-                         f"({est['source']}) + {est['evals']} evals x {spec.eval_seconds:g} s + "
-                         f"{spec.startup_seconds:g} s start = {cost.human(est['seconds'])}")  # fmt: skip
+            listed(c, state, retrain_steps_left(spec, c, root) if state == "todo" else None)
+    if retrain_missing:
+        missing = _retrains_before_scoring(spec, root, methods)
+        lines.append(f"retrain before test scoring (--retrain-missing): {len(missing)} selected cells whose model "
+                     "is not on this machine" + (" (none until every method is selected and confirmed)"
+                                                 if not all(m.complete for m in methods) else ""))  # fmt: skip
+        for c in missing:
+            listed(c, "retrain", int(read_json(committed_dir(spec, c, root) / "best.json")["step"]))
     lines.append(f"\ntotal (all cells, sequential): {cost.human(total)}, plus test scoring of the selected runs")
     lines.append(f"left (cells not done): {cost.human(remaining)}")
     return "\n".join(lines)
+
+
+def _retrains_before_scoring(spec: SweepSpec, root: Path, methods: list[MethodSelection]) -> list[Cell]:
+    """The selected cells retrain_selected_without_model would train again now: finished, model not here, test
+    not scored yet."""
+    if not all(m.complete for m in methods) or scoring.test_scored(spec, methods, root):
+        return []
+    return [c for m in methods for c in m.selected if not has_model(spec, c, root)]
 
 
 def _placeholder_stages(spec: SweepSpec, methods: list[MethodSelection]) -> list[list[Cell]]:
