@@ -21,21 +21,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from perce_ds import checkpoint, estep, lora
+from perce_ds import checkpoint, distributed, estep, lora
 from perce_ds.best import KeepBest
 from perce_ds.config import RunConfig
 from perce_ds.data.collate import MicroBatch, PassInputs, collate, fuse_passes
 from perce_ds.data.order import DataOrder
 from perce_ds.data.pipeline import PreparedData, data_files, prepare_data, require_profiles
 from perce_ds.data.sources import load_many
-from perce_ds.distributed import (
-    all_reduce_sum,
-    any_rank,
-    device_label,
-    init_process_group,
-    local_device,
-    skip_micro_step,
-)
+from perce_ds.distributed import all_reduce_sum, any_rank, init_process_group, local_device, skip_micro_step
 from perce_ds.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from perce_ds.estep import OfflineWeights
 from perce_ds.evaluation.demo import demo_evaluation
@@ -452,5 +445,5 @@ class Trainer:
             "profiles_cut_to_nothing": {k: v.profiles_cut_to_nothing for k, v in self.data.reports.items()},
             "world_size": self.world,
             "attn_implementation": self.attn_implementation,
-            "device": device_label(),  # what step_time_s was measured on
+            "device": distributed.device_label(),  # what step_time_s was measured on
         }

@@ -21,6 +21,7 @@ import yaml
 
 from perce_ds.best import KeepBest, adapter_dir
 from perce_ds.checkpoint import consolidated_lm_weights
+from perce_ds.distributed import device_label
 from perce_ds.errors import UserError
 from perce_ds.sweep import bootstrap, targets
 from perce_ds.sweep.cells import DONE, SweepError, cell_id, cells_of_grid, committed_dir, config_hash, is_done
@@ -482,7 +483,7 @@ def test_slurm_array_path_runs_the_sweep_and_keeps_the_best_checkpoint(slurm_swe
     assert set(nll["methods"]["scheme=perce"]["vs_base"]) >= {"diff", "ci_low", "ci_high"}
     assert (tmp / "committed" / "test_scored.json").is_file() and (tmp / "committed" / "learning_curves.png").is_file()
     out = check(run_job([sys.executable, SWEEP, "--recipe", tmp / "tiny_sweep.yaml", "--dry-run"], 120)).stdout
-    assert out.count("[done]") == 6 and "(measured)" in out
+    assert out.count("[done]") == 6 and f"(measured on {device_label()})" in out  # the cells ran here
 
 
 @pytest.mark.slow
