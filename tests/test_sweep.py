@@ -560,7 +560,7 @@ def test_selected_cells_trained_elsewhere_are_retrained_before_test_scoring(slur
         best, (first, again) = first_best[cell.name], (rows(d, "metrics.jsonl") for d in (cell / "first_run", cell))
         assert [r["loss"] for r in again] == [r["loss"] for r in first if r["step"] <= best]  # stopped at best
         evals = [rows(d, "eval_metrics.jsonl") for d in (cell / "first_run", cell)]
-        assert evals[1] == [r for r in evals[0] if r["step"] <= best]
+        assert len(evals[0]) > 1 and evals[1] == [r for r in evals[0] if r["step"] == best]  # at its stop only
     text = (tmp_path / "committed" / "sweep.md").read_text()
     original = (slurm_sweep / "committed" / "sweep.md").read_text()
     assert "Retrained before test scoring" in text and text.count("(first run) ->") == 6
@@ -716,14 +716,14 @@ def test_a_second_retrain_keeps_the_first_runs_files(tmp_path):
 def test_a_retrain_trains_to_the_first_runs_best_step(tmp_path):
     """A retrain stops where the first run's validation selected (--train.stop_after counted from the run's last
     complete checkpoint, so a killed retrain resumes to the same step); a first run gets no stop."""
-    from perce_ds.sweep.cells import retrain_steps_left, run_dir, set_aside_for_retraining
+    from perce_ds.sweep.cells import retrain_steps_left, retrain_target, run_dir, set_aside_for_retraining
 
     spec = load_spec(write_spec(tmp_path), ROOT)
     cell = cells_of_grid(spec)[0]
     fake_finished(spec, cell, 2.0, step=36)
     assert retrain_steps_left(spec, cell, ROOT) is None  # a first run: trains its whole schedule
     set_aside_for_retraining(spec, cell, ROOT)
-    assert retrain_steps_left(spec, cell, ROOT) == 36
+    assert retrain_steps_left(spec, cell, ROOT) == 36 and retrain_target(spec, cell, ROOT) == 36
     checkpoints = run_dir(spec, cell, ROOT) / "checkpoints"
     (checkpoints / "step_18").mkdir(parents=True)
     (checkpoints / "step_27.tmp").mkdir()  # not a complete checkpoint's name: not counted
@@ -778,4 +778,25 @@ def test_dry_run_step_time_comes_from_cells_of_this_device_and_retrains_count_to
 
     set_aside_for_retraining(spec, grid[1], ROOT)  # its retrain under way: a grid cell to do, to its best step
     line = next(x for x in runner.dry_run(spec, ROOT).splitlines() if grid[1].id in x)
-    assert "[todo] 4 steps (retrain to the first run's best step)" in line
+    assert "[todo] 4 steps (retrain to the first run's best step)" in line and "+ 1 evals" in line
+
+
+def test_committing_a_retrain_keeps_only_the_files_its_run_wrote(tmp_path):
+    """A retrain stopped at its best step writes no summary.json: the committed cell must not keep the first run's
+    beside the retrain's metrics (it stays in first_run/)."""
+    from perce_ds.sweep.cells import FIRST_RUN, SMALL_FILES, commit_cell, run_dir, set_aside_for_retraining
+
+    spec = load_spec(write_spec(tmp_path), ROOT)
+    cell = cells_of_grid(spec)[0]
+    fake_finished(spec, cell, 2.0)
+    d = committed_dir(spec, cell, ROOT)
+    (d / "summary.json").write_text(json.dumps({"device": "NVIDIA H200"}))
+    set_aside_for_retraining(spec, cell, ROOT)
+    rd = run_dir(spec, cell, ROOT)
+    rd.mkdir(parents=True)
+    for name in ("best.json", "metrics.jsonl", "eval_metrics.jsonl"):
+        (rd / name).write_text("{}\n")
+    commit_cell(spec, cell, ROOT)
+    assert "summary.json" in SMALL_FILES and not (d / "summary.json").exists()
+    assert json.loads((d / FIRST_RUN / "summary.json").read_text())["device"] == "NVIDIA H200"
+    assert (d / "metrics.jsonl").read_text() == "{}\n" and is_done(spec, cell, ROOT)

@@ -210,10 +210,12 @@ def run_cell(spec: SweepSpec, cell: Cell, root: Path, env: dict[str, str]) -> bo
     with (out / "sweep.log").open("a") as f:  # one line per training invocation (resumes included)
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} train {cell.id}\n")
     cmd = train_command(spec, cell, root)
-    left = retrain_steps_left(spec, cell, root)
+    left, target = retrain_steps_left(spec, cell, root), retrain_target(spec, cell, root)
+    if left:  # a retrain evaluates at its stop step only: the first run's curve is in first_run/ already, and
+        # the evaluations on the way cost a third of a CPU retrain (teacher-forced validation, both passes)
+        cmd += [f"--train.stop_after={left}", f"--train.eval_every={target}"]
     if left is None or left > 0:
-        run_logged(cmd + ([f"--train.stop_after={left}"] if left else []), rd.parent / f"{cell.id}.log", root,
-                   f"cell {cell.id}", env)  # fmt: skip
+        run_logged(cmd, rd.parent / f"{cell.id}.log", root, f"cell {cell.id}", env)
     if not (rd / "best.json").is_file():
         raise SweepError(f"cell {cell.id}: training ended without {rd}/best.json (no validation split?)")
     if not spec.select_metric.startswith("eval_"):  # a generation score selects: score hf_best on validation
@@ -222,27 +224,35 @@ def run_cell(spec: SweepSpec, cell: Cell, root: Path, env: dict[str, str]) -> bo
     return True
 
 
-def retrain_steps_left(spec: SweepSpec, cell: Cell, root: Path) -> int | None:
-    """For a retrain (first_run/ kept): the optimizer steps left to the step the first run's validation selected;
-    None for a first run. A retrain reproduces the selected checkpoint and stops there (the schedule unchanged):
-    training on through the early-stopping patience would only make checkpoints selection has already passed
-    over. Counted from the run's last complete checkpoint, so a killed retrain resumes to the same step."""
+def retrain_target(spec: SweepSpec, cell: Cell, root: Path) -> int | None:
+    """For a retrain (first_run/ kept): the step the first run's validation selected; None for a first run."""
     first = committed_dir(spec, cell, root) / FIRST_RUN / "best.json"
-    if not first.is_file():
+    return int(read_json(first)["step"]) if first.is_file() else None
+
+
+def retrain_steps_left(spec: SweepSpec, cell: Cell, root: Path) -> int | None:
+    """For a retrain: the optimizer steps left to retrain_target; None for a first run. A retrain reproduces the
+    selected checkpoint and stops there (the schedule unchanged): training on through the early-stopping patience
+    would only make checkpoints selection has already passed over. Counted from the run's last complete
+    checkpoint, so a killed retrain resumes to the same step."""
+    target = retrain_target(spec, cell, root)
+    if target is None:
         return None
     from perce_ds.checkpoint import complete_checkpoints  # torch: only when a cell trains
 
     reached = max((step for step, _ in complete_checkpoints(run_dir(spec, cell, root) / "checkpoints")), default=0)
-    return max(int(read_json(first)["step"]) - reached, 0)
+    return max(target - reached, 0)
 
 
 def commit_cell(spec: SweepSpec, cell: Cell, root: Path) -> None:
     """Copy the run's small files to <commit_dir>/cells/<id>/ and write done.json last."""
     rd, dst = run_dir(spec, cell, root), committed_dir(spec, cell, root)
     dst.mkdir(parents=True, exist_ok=True)
-    for name in SMALL_FILES:
+    for name in SMALL_FILES:  # a file this run did not write goes (a retrain: the first run's is in first_run/)
         if (rd / name).is_file():
             shutil.copy2(rd / name, dst / name)
+        else:
+            (dst / name).unlink(missing_ok=True)
     val = rd / "eval" / VAL_EVAL_NAME / "scores.json"
     if val.is_file():
         shutil.copy2(val, dst / "validation_generation_scores.json")
