@@ -394,19 +394,14 @@ class Trainer:
             log.warning(
                 "stopped at step %d of %d (%s); resume with --train.resume auto", step, self.total_steps, reason
             )
-            self.metrics.close()
-            return self._summary(last) | {"stopped": reason, "stopped_at": step, "requeue": stop.reason is not None}
+            return self._finish(last, {"stopped": reason, "stopped_at": step, "requeue": stop.reason is not None})
         evaluation = evaluation if early and evaluation is not None else self._evaluate_and_log(step)
         if self.cfg.train.final_generation_eval and self.data.eval:
             evaluation |= self._generation_eval()
         if self.cfg.train.export_hf:
             self._export_hf("hf")
-        summary = self._summary(last) | ({"early_stopped_at": step, "best_step": self.best.step} if early else {})
-        summary["eval"] = evaluation
-        if self.is_rank0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.metrics.close()
-        return summary
+        early_stop = {"early_stopped_at": step, "best_step": self.best.step} if early else {}
+        return self._finish(last, early_stop | {"eval": evaluation})
 
     def _export_hf(self, folder: str) -> None:
         """<run_dir>/<folder>: the model as a Hugging Face folder (a collective: every rank calls it)."""
@@ -433,8 +428,9 @@ class Trainer:
         self.engine.train()
         return result
 
-    def _summary(self, last: dict[str, float | None]) -> dict[str, Any]:
-        return {
+    def _finish(self, last: dict[str, float | None], extra: dict[str, Any]) -> dict[str, Any]:
+        """summary.json (a stopped run's too, marked "stopped": what ran, on which device), the metrics log closed."""
+        summary = {
             "run_dir": str(self.run_dir),
             "steps": self.total_steps,
             "scheme": self.cfg.loss.scheme,
@@ -446,4 +442,8 @@ class Trainer:
             "world_size": self.world,
             "attn_implementation": self.attn_implementation,
             "device": distributed.device_label(),  # what step_time_s was measured on
-        }
+        } | extra
+        if self.is_rank0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics.close()
+        return summary

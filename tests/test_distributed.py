@@ -17,6 +17,7 @@ from perce_ds.config import RunConfig
 from perce_ds.data.order import DataOrder
 from perce_ds.data.pipeline import tokenize_split
 from perce_ds.data.tokenizer import load_tokenizer
+from perce_ds.distributed import device_label
 from tests.launch_utils import (
     ROOT,
     assert_weights_exercise_perce,
@@ -106,8 +107,11 @@ def test_resume_reproduces_straight_run_and_export_reproduces_engine_loss(setup)
     assert (runs / "resumed" / "checkpoints" / "step_3").is_dir() and not (runs / "resumed" / "hf").exists(), (
         proc.stderr[-3000:]
     )
+    stopped = json.loads((runs / "resumed" / "summary.json").read_text())  # a stopped run says so, and where
+    assert (stopped["stopped"], stopped["stopped_at"], stopped["device"]) == ("train.stop_after", 3, device_label())
     proc = check(train(setup["root"], recipe(setup, "resumed", **common), 2, setup["adam"]))
     assert "resumed from" in proc.stderr
+    assert "stopped" not in json.loads((runs / "resumed" / "summary.json").read_text())  # finished: replaced
 
     straight, resumed = read_jsonl(runs / "straight" / "metrics.jsonl"), read_jsonl(runs / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))

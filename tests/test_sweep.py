@@ -782,8 +782,8 @@ def test_dry_run_step_time_comes_from_cells_of_this_device_and_retrains_count_to
 
 
 def test_committing_a_retrain_keeps_only_the_files_its_run_wrote(tmp_path):
-    """A retrain stopped at its best step writes no summary.json: the committed cell must not keep the first run's
-    beside the retrain's metrics (it stays in first_run/)."""
+    """The committed cell holds the retrain's files only: a small file its run did not write (here summary.json)
+    is not left over from the first run beside the retrain's metrics (it stays in first_run/)."""
     from perce_ds.sweep.cells import FIRST_RUN, SMALL_FILES, commit_cell, run_dir, set_aside_for_retraining
 
     spec = load_spec(write_spec(tmp_path), ROOT)
