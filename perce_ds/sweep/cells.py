@@ -209,12 +209,13 @@ def run_cell(spec: SweepSpec, cell: Cell, root: Path, env: dict[str, str]) -> bo
     out.mkdir(parents=True, exist_ok=True)
     with (out / "sweep.log").open("a") as f:  # one line per training invocation (resumes included)
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} train {cell.id}\n")
-    cmd = train_command(spec, cell, root)
-    left, target = retrain_steps_left(spec, cell, root), retrain_target(spec, cell, root)
-    if left:  # a retrain evaluates at its stop step only: the first run's curve is in first_run/ already, and
-        # the evaluations on the way cost a third of a CPU retrain (teacher-forced validation, both passes)
-        cmd += [f"--train.stop_after={left}", f"--train.eval_every={target}"]
+    target = retrain_target(spec, cell, root)
+    left = None if target is None else retrain_steps_left(spec, cell, root, target)
     if left is None or left > 0:
+        cmd = train_command(spec, cell, root)
+        if left:  # a retrain evaluates at its stop step only: the first run's curve is in first_run/ already,
+            # and the evaluations on the way cost a third of a CPU retrain (teacher-forced validation, both passes)
+            cmd += [f"--train.stop_after={left}", f"--train.eval_every={target}"]
         run_logged(cmd, rd.parent / f"{cell.id}.log", root, f"cell {cell.id}", env)
     if not (rd / "best.json").is_file():
         raise SweepError(f"cell {cell.id}: training ended without {rd}/best.json (no validation split?)")
@@ -230,12 +231,12 @@ def retrain_target(spec: SweepSpec, cell: Cell, root: Path) -> int | None:
     return int(read_json(first)["step"]) if first.is_file() else None
 
 
-def retrain_steps_left(spec: SweepSpec, cell: Cell, root: Path) -> int | None:
+def retrain_steps_left(spec: SweepSpec, cell: Cell, root: Path, target: int | None = None) -> int | None:
     """For a retrain: the optimizer steps left to retrain_target; None for a first run. A retrain reproduces the
     selected checkpoint and stops there (the schedule unchanged): training on through the early-stopping patience
     would only make checkpoints selection has already passed over. Counted from the run's last complete
-    checkpoint, so a killed retrain resumes to the same step."""
-    target = retrain_target(spec, cell, root)
+    checkpoint, so a killed retrain resumes to the same step. `target`: retrain_target, when the caller has it."""
+    target = retrain_target(spec, cell, root) if target is None else target
     if target is None:
         return None
     from perce_ds.checkpoint import complete_checkpoints  # torch: only when a cell trains

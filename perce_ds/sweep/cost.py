@@ -98,8 +98,9 @@ def estimate(
     steps = t.max_steps or (t.epochs * (records // global_batch) if records is not None else None)
     if retrain_to is not None:
         steps = retrain_to if steps is None else min(steps, retrain_to)
-    evals = (max((steps or 0) - 1, 0) // t.eval_every if t.eval_every else 0) + 1  # + the final one
-    evals = 1 if retrain_to is not None else evals  # a retrain evaluates at its stop step only (run_cell)
+        evals = 1  # a retrain evaluates at its stop step only (run_cell)
+    else:
+        evals = (max((steps or 0) - 1, 0) // t.eval_every if t.eval_every else 0) + 1  # + the final one
     if measured.seconds is not None:
         step_s, source = measured.seconds, measured.source
     elif spec.step_seconds is not None:
