@@ -800,3 +800,22 @@ def test_committing_a_retrain_keeps_only_the_files_its_run_wrote(tmp_path):
     assert "summary.json" in SMALL_FILES and not (d / "summary.json").exists()
     assert json.loads((d / FIRST_RUN / "summary.json").read_text())["device"] == "NVIDIA H200"
     assert (d / "metrics.jsonl").read_text() == "{}\n" and is_done(spec, cell, ROOT)
+
+
+def test_an_hf_best_from_another_run_of_the_cell_is_not_its_model(tmp_path):
+    """has_model (test scoring, --retrain-missing) accepts a run's hf_best only when the run's best.json is the
+    committed cell's: a retrain stopped at step 18 of 36 left an hf_best of step 18, which is not the model the
+    committed validation numbers describe (scoring it would put another model's test numbers in the table)."""
+    from perce_ds.sweep.cells import has_model, run_dir
+
+    spec = load_spec(write_spec(tmp_path), ROOT)
+    cell = cells_of_grid(spec)[0]
+    fake_finished(spec, cell, 2.0, step=36)
+    rd = run_dir(spec, cell, ROOT)
+    (rd / "hf_best").mkdir(parents=True)
+    (rd / "hf_best" / "config.json").write_text("{}")
+    assert not has_model(spec, cell, ROOT)  # no best.json in the run: whose model is it?
+    (rd / "best.json").write_text(json.dumps({"step": 18, "metric": "eval_ce", "mode": "min", "value": 2.5}))
+    assert not has_model(spec, cell, ROOT)
+    shutil.copy2(committed_dir(spec, cell, ROOT) / "best.json", rd / "best.json")
+    assert has_model(spec, cell, ROOT)

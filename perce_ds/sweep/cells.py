@@ -263,8 +263,13 @@ def commit_cell(spec: SweepSpec, cell: Cell, root: Path) -> None:
 
 
 def has_model(spec: SweepSpec, cell: Cell, root: Path) -> bool:
-    """The cell's best-validation model (hf_best) is on this machine: test scoring needs it."""
-    return (run_dir(spec, cell, root) / "hf_best" / "config.json").is_file()
+    """The committed cell's best-validation model (hf_best) is on this machine: test scoring needs it. The run's
+    best.json must be the committed one: an hf_best left by another run under the same name (a retrain stopped
+    before its target, an older run) is not the model the committed validation numbers describe."""
+    rd, committed = run_dir(spec, cell, root), committed_dir(spec, cell, root) / "best.json"
+    if not (rd / "hf_best" / "config.json").is_file() or not (rd / "best.json").is_file() or not committed.is_file():
+        return False
+    return read_json(rd / "best.json") == read_json(committed)
 
 
 def set_aside_for_retraining(spec: SweepSpec, cell: Cell, root: Path) -> None:

@@ -110,8 +110,9 @@ def score_test(spec: SweepSpec, methods: list[MethodSelection], root: Path) -> N
     gone = [c.id for m in methods for c in m.selected if not has_model(spec, c, root)]
     if gone:
         raise SweepError(
-            f"no hf_best on this machine for the selected cells {gone} (under {root / spec.output_dir}): trained on "
-            "another machine, or the run directories were removed. Run the sweep with --retrain-missing to train them "
+            f"no hf_best of the committed run on this machine for the selected cells {gone} (under "
+            f"{root / spec.output_dir}; the run's best.json must equal the committed one): trained on another "
+            "machine, the run directories removed, or another run of the cell left them. Run the sweep with --retrain-missing to train them "
             "again (their first run's files are kept in first_run/), or copy their run directories here"
         )
     first = methods[0].selected[0]
